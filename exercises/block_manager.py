@@ -1,0 +1,196 @@
+# Exercise stub generated from solutions/block_manager.py by scripts/make_exercises.py.
+# Fill in every `raise NotImplementedError` below; keep the signatures.
+"""Part 2: the paged KV-cache block manager (PagedAttention's memory manager).
+
+PagedAttention (Kwon et al., SOSP 2023) stores each sequence's K/V in fixed-size blocks
+that need not be contiguous, like pages of virtual memory: a *block table* maps the
+sequence's logical blocks to physical ones, and a sequence only ever wastes the unfilled
+tail of its last block. This module owns the block tables; :mod:`.block_pool` owns the
+physical blocks (reference counts, LRU free queue, prefix-cache map).
+
+Three ideas on top of plain paging, each from the paper or from vLLM v1:
+
+- Sharing and copy-on-write (paper, section 4.4): :meth:`PagedAttentionConfig.fork`
+  lets a child sequence share all of its parent's blocks; the first write into a block
+  that is still shared copies it, and :meth:`~PagedAttentionConfig.append_slots` returns
+  the ``(src, dst)`` pairs so the runner can copy the K/V before the step.
+- Automatic prefix caching (vLLM v1): a full block whose K/V are computed is published
+  under a hash of its tokens chained with its parent's hash; a later prompt that starts
+  with the same full blocks reuses them instead of recomputing.
+- The last prompt token is always recomputed: its forward pass produces the logits of
+  the first output token, so a prefix hit counts at most the full blocks that end at or
+  before position ``len(token_ids) - 1``, i.e. ``(len - 1) // block_size`` blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+from servinglab.interfaces import BlockManagerStats
+
+from .block_pool import BlockPool, NoFreeBlocksError, hash_block_tokens
+
+__all__ = ["BlockManager", "BlockPool", "NoFreeBlocksError", "PagedAttentionConfig", "hash_block_tokens"]
+
+
+class PagedAttentionConfig:
+    """Block tables of live sequences over a pool of ``num_blocks`` KV blocks.
+
+    Implements :class:`servinglab.interfaces.BlockManager`. Token ``p`` of sequence ``s``
+    lives in slot ``block_tables[s][p // block_size] * block_size + p % block_size``.
+
+    Attributes:
+        num_blocks: physical blocks in the KV cache.
+        block_size: tokens per block.
+        enable_prefix_caching: publish computed full blocks and reuse them across prompts.
+        block_tables: ``seq_id`` -> the sequence's physical block ids, in token order.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = False) -> None:
+        """Create an empty manager; raise ValueError unless both sizes are positive ints."""
+        raise NotImplementedError("__init__: your code here")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.block_tables: dict[int, list[int]] = {}
+        # Where each sequence's next write is expected (the end of its last append_slots
+        # range): lets can_append_slots count the copy-on-writes that append will need.
+        self._next_write: dict[int, int] = {}
+        # Chained cache keys of each sequence's leading full, computed blocks, so that
+        # cache_blocks only hashes blocks it has not seen yet (O(new blocks) per call).
+        self._seq_hashes: dict[int, list[bytes]] = {}
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    # ----- small helpers (given) -----
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence holds (cached ones included: they are evicted on reuse)."""
+        return self.pool.num_free_blocks
+
+    def ref_count(self, block_id: int) -> int:
+        """How many block tables hold ``block_id`` right now."""
+        if not 0 <= block_id < self.num_blocks:
+            raise ValueError(f"block_id must be in [0, {self.num_blocks}), got {block_id}")
+        return self.pool.ref_counts[block_id]
+
+    def usage(self) -> float:
+        """Fraction of blocks held by live sequences (vLLM's ``kv_cache_usage_perc``)."""
+        return self.get_stats().usage
+
+    def _table(self, seq_id: int) -> list[int]:
+        if seq_id not in self.block_tables:
+            raise KeyError(f"seq_id {seq_id} has no blocks (never allocated, or already deallocated)")
+        return self.block_tables[seq_id]
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)  # ceil division
+
+    def _no_free(self, needed: int) -> NoFreeBlocksError:
+        return NoFreeBlocksError(f"need {needed} free KV blocks, only {self.num_free_blocks} of {self.num_blocks} free")
+
+    # ----- the parts you write -----
+    def get_slot(self, seq_id: int, position: int) -> int:
+        """Return the cache slot of token ``position`` of ``seq_id`` (ValueError outside its blocks)."""
+        raise NotImplementedError("get_slot: your code here")
+
+    def _match_prefix(self, token_ids: Seq[int]) -> tuple[list[int], list[bytes]]:
+        """Return the cached blocks that start ``token_ids`` and their chained keys.
+
+        Walks the prompt's full blocks from the first, stops at the first miss (a later
+        block cannot match: its key includes the missing one's), and never looks past
+        the ``(len(token_ids) - 1) // block_size`` blocks before the last token.
+        Returns empty lists when prefix caching is off.
+        """
+        raise NotImplementedError("_match_prefix: your code here")
+
+    def _free_blocks_needed(self, num_tokens: int, hits: list[int]) -> int:
+        """Free blocks an allocation of ``num_tokens`` tokens with these prefix hits consumes."""
+        # A hit on a block with ref count 0 takes it out of the free queue, so it costs a
+        # free block just like a fresh one; a hit on a block some sequence holds is free.
+        raise NotImplementedError("_free_blocks_needed: your code here")
+
+    def can_allocate(self, token_ids: Seq[int]) -> bool:
+        """Whether :meth:`allocate_blocks` would succeed for these tokens now."""
+        raise NotImplementedError("can_allocate: your code here")
+
+    def allocate_blocks(self, seq_id: int, token_ids: Seq[int]) -> int:
+        """Give a new sequence blocks for all ``len(token_ids)`` tokens at once.
+
+        With prefix caching, the longest run of cached full blocks at the start of the
+        prompt is shared instead of allocated (at most ``(len - 1) // block_size``
+        blocks, so the last token is always computed).
+
+        Returns:
+            The number of leading tokens already cached: a multiple of ``block_size``,
+            at most ``len(token_ids) - 1``; 0 without prefix caching.
+
+        Raises:
+            ValueError: ``seq_id`` already has blocks, or ``token_ids`` is empty.
+            NoFreeBlocksError: not enough free blocks (nothing is changed).
+        """
+        # Counts toward get_stats(): queries += len(token_ids), hits += the return value
+        # (successful allocations with prefix caching on only).
+        raise NotImplementedError("allocate_blocks: your code here")
+
+    def _shared_blocks(self, table: list[int], start: int, end: int) -> list[int]:
+        """Indices into ``table`` of blocks with ref count > 1 that positions ``[start, end)`` hit."""
+        raise NotImplementedError("_shared_blocks: your code here")
+
+    def can_append_slots(self, seq_id: int, num_tokens: int) -> bool:
+        """Whether the sequence can grow to hold ``num_tokens`` tokens in total.
+
+        Counts the new blocks plus one copy-on-write per shared block that the positions
+        from the sequence's next write (the end of its last :meth:`append_slots` range,
+        or its cached prefix after :meth:`allocate_blocks`) up to ``num_tokens`` fall in.
+        """
+        raise NotImplementedError("can_append_slots: your code here")
+
+    def append_slots(self, seq_id: int, num_computed_tokens: int, num_new_tokens: int) -> list[tuple[int, int]]:
+        """Make room for the K/V of positions ``[num_computed_tokens, num_computed_tokens + num_new_tokens)``.
+
+        Grows the table to cover ``num_computed_tokens + num_new_tokens`` tokens. Every
+        block those positions fall in that is shared (ref count > 1) is copied on write:
+        a fresh block replaces it in this table and the shared one loses a reference. A
+        cached block this sequence alone holds leaves the prefix cache (its content changes).
+
+        Returns:
+            ``(src, dst)`` block pairs whose K/V the runner must copy before the step.
+
+        Raises:
+            ValueError: a negative count, or ``num_computed_tokens`` past the table's slots.
+            NoFreeBlocksError: not enough free blocks (nothing is changed).
+        """
+        raise NotImplementedError("append_slots: your code here")
+
+    def cache_blocks(self, seq_id: int, token_ids: Seq[int], num_computed_tokens: int) -> None:
+        """Publish the sequence's full blocks whose tokens are all computed to the prefix cache.
+
+        Idempotent; a no-op without prefix caching. ``token_ids`` are the sequence's
+        tokens (prompt then output); only the first ``num_computed_tokens`` matter.
+        If another block already caches the same content, this one stays private.
+        """
+        raise NotImplementedError("cache_blocks: your code here")
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """Let ``child_id`` share every block of ``parent_id`` (ref counts up, no copy)."""
+        raise NotImplementedError("fork: your code here")
+
+    def trim_blocks(self, seq_id: int, num_tokens: int) -> None:
+        """Keep the blocks of the first ``num_tokens`` tokens, free the rest (speculative rollback)."""
+        # Free the tail last-block-first, as deallocate_blocks does.
+        raise NotImplementedError("trim_blocks: your code here")
+
+    def deallocate_blocks(self, seq_id: int) -> None:
+        """Release every block of the sequence; cached blocks stay reusable until evicted."""
+        # Free in reverse: the tail blocks reach the free queue first, so they are evicted
+        # before the head blocks, which are the ones other prompts are likely to share.
+        raise NotImplementedError("deallocate_blocks: your code here")
+
+    def get_stats(self) -> BlockManagerStats:
+        """A snapshot of the pool and the prefix-cache counters (in tokens)."""
+        raise NotImplementedError("get_stats: your code here")
+
+
+BlockManager = PagedAttentionConfig

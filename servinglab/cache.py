@@ -1,0 +1,51 @@
+"""Allocate the paged KV cache tensors the engine runs on.
+
+One pair of tensors per decoder layer, each shaped
+``[num_blocks, block_size, num_kv_heads, head_dim]``: a slot is one token's K (or V) for
+all KV heads of that layer, and slot ``s`` lives at ``[s // block_size, s % block_size]``.
+Part 1's memory math must agree with the bytes these tensors really take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The shape facts of a Llama-family model that decide its KV-cache size."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf_config(cls, config) -> "KVCacheSpec":
+        """Read the spec from a transformers ``PretrainedConfig`` (or anything with its fields)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim)
+
+
+def allocate_kv_cache(
+    spec: KVCacheSpec,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return ``[(k_cache, v_cache)] * num_layers``, zero-filled."""
+    if num_blocks <= 0 or block_size <= 0:
+        raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
+    shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(spec.num_layers)
+    ]
+
+
+def kv_cache_nbytes(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Bytes held by the cache tensors (what Part 1 predicts)."""
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in caches)

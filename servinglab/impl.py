@@ -1,0 +1,51 @@
+"""Choose whose code the runtime runs: the student's ``exercises`` or the ``solutions``.
+
+The choice comes from the ``SERVINGLAB_IMPL`` environment variable (``exercises`` by
+default, so a student's engine runs the student's code) or from :func:`set_impl`, which
+the test suite calls for ``pytest --impl``. Every part is imported by name, for example
+``load_part("block_manager")``, so the runtime never reaches into private names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+IMPLS: tuple[str, ...] = ("exercises", "solutions")
+PARTS: dict[int, str] = {
+    1: "kv_cache",
+    2: "block_manager",
+    3: "paged_attention",
+    4: "scheduler",
+}
+ENV_VAR = "SERVINGLAB_IMPL"
+
+_override: str | None = None
+
+
+def _check(name: str) -> str:
+    if name not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {name!r} (from --impl or ${ENV_VAR})")
+    return name
+
+
+def current_impl() -> str:
+    """Return the package the runtime loads parts from: ``exercises`` or ``solutions``."""
+    if _override is not None:
+        return _override
+    return _check(os.environ.get(ENV_VAR, "exercises"))
+
+
+def set_impl(name: str | None) -> None:
+    """Override the implementation for this process (``None`` goes back to the env var)."""
+    global _override
+    _override = None if name is None else _check(name)
+
+
+def load_part(part: str, impl: str | None = None) -> ModuleType:
+    """Import and return ``<impl>.<part>``, e.g. ``load_part("kv_cache")``."""
+    if part not in PARTS.values():
+        raise ValueError(f"part must be one of {sorted(PARTS.values())}, got {part!r}")
+    package = _check(impl) if impl is not None else current_impl()
+    return importlib.import_module(f"{package}.{part}")

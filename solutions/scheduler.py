@@ -1,0 +1,292 @@
+"""Part 4: continuous batching with a token budget, chunked prefill and preemption.
+
+Every engine step asks :meth:`Scheduler.schedule` which sequences run and how many new
+tokens each computes. The whole policy works on one number per sequence,
+``num_computed_tokens`` (the leading tokens whose K/V are in the cache): a sequence
+needs ``num_tokens - num_computed_tokens`` more tokens of forward pass, which is its
+whole prompt on admission, a slice of it during a chunked prefill, and exactly one token
+while decoding. So prefill and decode are not separate phases; they are one loop over
+one token budget (the design of vLLM v1's ``sched/scheduler.py``).
+
+The three ideas, and where they come from:
+
+* Iteration-level scheduling (Orca, OSDI 2022): the batch is rebuilt every step, so a
+  finished sequence leaves at once and a waiting one joins at once, instead of the whole
+  batch waiting for its longest member.
+* Chunked prefill (Sarathi, Agrawal et al. 2023): a long prompt is split across steps so
+  it never takes a step's whole budget; the decodes of the running sequences keep
+  going in the same steps, which keeps their inter-token latency flat.
+* Preemption by recompute (vLLM, Kwon et al., SOSP 2023): when the paged KV pool runs
+  out, the newest running sequence gives back all its blocks and returns to the front of
+  the queue; later it recomputes its K/V from its tokens. Recomputing is cheaper than
+  swapping for short sequences and needs no CPU memory.
+
+The scheduler only plans: it never runs the model and never samples. After each step
+the engine advances ``seq.num_computed_tokens`` by the scheduled ``num_new_tokens``,
+publishes full blocks with ``block_manager.cache_blocks`` and, when a sequence's tokens
+are all computed, appends the sampled token (or finishes the sequence through
+:meth:`Scheduler.finish_sequence`).
+
+What can never fit is refused up front: :meth:`Scheduler.add_sequence` raises
+``ValueError`` for a prompt that needs more blocks than the whole pool holds (or, with
+chunked prefill off, more tokens than one step's budget). Room for the tokens a
+sequence will *generate* is the engine's check (prompt plus ``max_tokens``); if a
+sequence still outgrows the pool, :meth:`Scheduler.schedule` raises ``RuntimeError``
+once it is alone and cannot be admitted, rather than looping forever.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from servinglab.interfaces import BlockManager, ScheduledSequence, SchedulerOutput
+from servinglab.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    """Decide, every step, which sequences run and how many new tokens each computes.
+
+    Args:
+        block_manager: the paged KV allocator (Part 2) this scheduler drives.
+        max_num_seqs: most sequences running at once (the batch size cap).
+        max_num_batched_tokens: most new tokens in one step, over all sequences (the
+            token budget).
+        enable_chunked_prefill: split prompts longer than the remaining budget across
+            steps. Without it a prompt runs whole or waits.
+
+    Attributes:
+        waiting: sequences queued for admission, first come first served; preempted
+            sequences go back to the front.
+        running: sequences holding KV blocks, oldest first (the last one is the first
+            to be preempted).
+    """
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        """True while any sequence is waiting or running."""
+        return bool(self.waiting) or bool(self.running)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a new sequence at the back of ``waiting`` with status ``WAITING``.
+
+        Raises:
+            ValueError: the sequence has no tokens; its tokens need more blocks than the
+                pool has (message names both numbers); or chunked prefill is off and its
+                tokens exceed ``max_num_batched_tokens``. Such a sequence could never be
+                scheduled, so it is refused now instead of blocking the queue forever.
+        """
+        # Blocks needed: ceil(num_tokens / block_size). Compare with the whole pool, not
+        # the free blocks: blocks held by others come back, the pool size never grows.
+        ### BEGIN SOLUTION
+        num_tokens = seq.num_tokens
+        if num_tokens == 0:
+            raise ValueError(f"sequence {seq.seq_id} has no tokens: prompt_token_ids must not be empty")
+        bm = self.block_manager
+        blocks_needed = -(-num_tokens // bm.block_size)
+        if blocks_needed > bm.num_blocks:
+            raise ValueError(
+                f"sequence {seq.seq_id} has {num_tokens} tokens, which need {blocks_needed} blocks of "
+                f"{bm.block_size} tokens, but the KV pool has only {bm.num_blocks} blocks"
+            )
+        if not self.enable_chunked_prefill and num_tokens > self.max_num_batched_tokens:
+            raise ValueError(
+                f"sequence {seq.seq_id} has {num_tokens} tokens, more than max_num_batched_tokens="
+                f"{self.max_num_batched_tokens}; enable chunked prefill or raise the budget"
+            )
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        ### END SOLUTION
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: which sequences compute how many new tokens.
+
+        The policy (vLLM v1): one token budget of ``max_num_batched_tokens`` per step.
+
+        1. Running sequences first, oldest first. Each wants
+           ``seq.num_uncomputed_tokens`` (1 while decoding); with chunked prefill it gets
+           at most the remaining budget, without it a prefill that does not fit waits.
+           If the block manager cannot hold the new tokens, preempt the newest running
+           sequence (see :meth:`_preempt`) and retry; if the one being scheduled is the
+           newest, preempt it and stop. Reserve slots with ``append_slots`` and collect
+           its copy-on-write copies into ``block_copies``.
+        2. Only if nothing was preempted, admit waiting sequences in order while fewer
+           than ``max_num_seqs`` run and budget remains. The head blocks the queue if it
+           does not fit (no skipping). On admission ``num_computed_tokens`` (and
+           ``num_cached_tokens``) become the prefix-cache hit count.
+
+        No sequence appears with 0 new tokens, and none appears twice.
+
+        Raises:
+            RuntimeError: no sequence runs, the pool is empty and the budget whole, and
+                still the head of ``waiting`` cannot be admitted: it has outgrown the
+                pool (or the budget, without chunked prefill) and would wait forever.
+        """
+        # Hints: keep `budget` = tokens left this step. Walk `running` by index, because
+        # preemption pops from its end. `self.waiting[0]` is the head; pop it only once
+        # it is admitted.
+        ### BEGIN SOLUTION
+        bm = self.block_manager
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        # (1) Running sequences: they already hold blocks, so serving them first keeps
+        # the memory we have spent working (Orca's iteration-level scheduling).
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = seq.num_uncomputed_tokens
+            if self.enable_chunked_prefill:
+                num_new = min(num_new, budget)
+            elif num_new > budget:
+                i += 1  # a whole prefill that does not fit this step waits for the next
+                continue
+            if num_new <= 0:
+                i += 1  # nothing to compute (the engine has not appended its sample yet)
+                continue
+            scheduled = True
+            while not bm.can_append_slots(seq.seq_id, seq.num_computed_tokens + num_new):
+                victim = self.running.pop()  # the newest: it has the least work to lose
+                self._preempt(victim, out)
+                if victim is seq:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break  # seq was the last running one, nothing left to schedule
+            out.block_copies.extend(bm.append_slots(seq.seq_id, seq.num_computed_tokens, num_new))
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+            i += 1
+
+        # (2) Waiting sequences, first come first served. A step that had to preempt is
+        # short of blocks: admitting now would only preempt again next step.
+        if not out.preempted:
+            while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+                seq = self.waiting[0]
+                # Without chunking the whole sequence must fit the budget. The cache hit
+                # count is unknown before allocating, so count every token (conservative).
+                if not self.enable_chunked_prefill and seq.num_tokens > budget:
+                    break
+                if not bm.can_allocate(seq.token_ids):
+                    break
+                num_cached = bm.allocate_blocks(seq.seq_id, seq.token_ids)
+                seq.num_computed_tokens = seq.num_cached_tokens = num_cached
+                num_new = seq.num_uncomputed_tokens
+                if self.enable_chunked_prefill:
+                    num_new = min(num_new, budget)
+                out.block_copies.extend(bm.append_slots(seq.seq_id, num_cached, num_new))
+                self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = time.perf_counter()
+                self.running.append(seq)
+                out.scheduled.append(ScheduledSequence(seq, num_new))
+                budget -= num_new
+
+        if out.is_empty and not out.preempted and self.waiting and not self.running:
+            if bm.num_free_blocks == bm.num_blocks:
+                head = self.waiting[0]
+                raise RuntimeError(
+                    f"sequence {head.seq_id} ({head.num_tokens} tokens) cannot be scheduled even with an empty "
+                    f"pool of {bm.num_blocks} blocks of {bm.block_size} and a budget of "
+                    f"{self.max_num_batched_tokens} tokens: it has outgrown the KV cache; "
+                    f"limit max_tokens or give the cache more blocks"
+                )
+        return out
+        ### END SOLUTION
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Preempt ``seq`` by recompute: free its blocks and queue it at the front.
+
+        The caller has already removed it from ``running``. Its tokens are kept, its K/V
+        is dropped (``num_computed_tokens = 0``); on readmission it prefills prompt plus
+        generated tokens again, minus any prefix-cache hits.
+        """
+        ### BEGIN SOLUTION
+        self.block_manager.deallocate_blocks(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        # Front of the queue: it arrived before everything still waiting.
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        ### END SOLUTION
+
+    def fork_sequence(self, parent: Sequence, child: Sequence) -> None:
+        """Start ``child`` as a copy of running ``parent`` that shares all its KV blocks.
+
+        For ``n > 1`` samples and beam search: the block manager raises ref counts
+        instead of copying, and copy-on-write splits a block only when one of them
+        writes to it. The child runs right after its parent (so it is preempted before
+        it) with the parent's ``num_computed_tokens``. The engine makes the child's
+        tokens equal the parent's.
+
+        Raises:
+            ValueError: ``parent`` is not running.
+        """
+        ### BEGIN SOLUTION
+        if parent not in self.running:
+            raise ValueError(f"parent sequence {parent.seq_id} is not running (status {parent.status.value})")
+        self.block_manager.fork(parent.seq_id, child.seq_id)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        if child.first_scheduled_time is None:
+            child.first_scheduled_time = parent.first_scheduled_time
+        child.status = SequenceStatus.RUNNING
+        self.running.insert(self.running.index(parent) + 1, child)
+        ### END SOLUTION
+
+    def finish_sequence(self, seq: Sequence) -> None:
+        """Remove a finished sequence from its queue and free its blocks.
+
+        The engine sets ``seq.status`` to a finished status first (stop, length or
+        abort). Calling it again for the same sequence does nothing.
+
+        Raises:
+            ValueError: ``seq.status`` is not a finished status.
+        """
+        ### BEGIN SOLUTION
+        if not seq.is_finished:
+            raise ValueError(
+                f"sequence {seq.seq_id} has status {seq.status.value}; set a finished status "
+                f"(FINISHED_STOPPED, FINISHED_LENGTH or FINISHED_ABORTED) before finish_sequence"
+            )
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        # Only sequences that hold blocks have a block table; waiting ones hold none.
+        if seq.seq_id in self.block_manager.block_tables:
+            self.block_manager.deallocate_blocks(seq.seq_id)
+        ### END SOLUTION
+
+    def abort_sequence(self, seq: Sequence) -> None:
+        """Cancel ``seq`` (client went away): status ``FINISHED_ABORTED``, blocks freed."""
+        if not seq.is_finished:
+            seq.status = SequenceStatus.FINISHED_ABORTED
+        self.finish_sequence(seq)
