@@ -30,6 +30,17 @@ def _grade(args: argparse.Namespace) -> int:
     return grade(args.impl, args.results_json, args.expect, args.pytest_args)
 
 
+def _bench_throughput(args: argparse.Namespace) -> int:
+    from servinglab.bench import run_throughput
+    from servinglab.model_prep import require_model
+    from servinglab.workloads import random_workload
+
+    model_dir = str(args.model or require_model())
+    workload = random_workload(args.num_requests, (args.min_len, args.max_len), (args.min_len, args.max_len), seed=args.seed)
+    run_throughput(model_dir, args.systems, workload, args.dtype, args.out, args.hf_batch)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="servinglab", description="LLM serving lab: runtime, grading and benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect", choices=["full", "zero"], default=None, help="exit 1 unless every test passes (full) or none does (zero)")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(fn=_grade)
+
+    bench = sub.add_parser("bench", help="benchmarks that compare systems side by side").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("throughput", help="offline throughput: lab engine vs vLLM vs transformers static batching")
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared SmolLM2)")
+    p.add_argument("--systems", nargs="+", default=["lab", "vllm", "hf"], choices=["lab", "vllm", "hf"])
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--min-len", type=int, default=16, help="shortest prompt and output")
+    p.add_argument("--max-len", type=int, default=128, help="longest prompt and output")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--hf-batch", type=int, default=16, help="transformers static batch size")
+    p.add_argument("--out", type=Path, default=Path("bench_results"))
+    p.set_defaults(fn=_bench_throughput)
     return parser
 
 

@@ -18,6 +18,7 @@ PARTS: dict[int, str] = {
     2: "block_manager",
     3: "paged_attention",
     4: "scheduler",
+    5: "speculative",
 }
 ENV_VAR = "SERVINGLAB_IMPL"
 

@@ -1,0 +1,147 @@
+"""``servinglab bench throughput``: the lab engine, vLLM and transformers on one workload.
+
+All three run the same seeded requests (greedy, EOS ignored, so every system produces
+exactly the requested tokens) on the same machine, one after another in one process
+tree: the lab engine and transformers in this process, vLLM in a child process (its CPU
+worker binds threads). Each system gets one warm-up request first. The table reports
+output tokens per second and ratios to the lab engine, plus how many requests' first
+32 greedy tokens agree between the lab engine and vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from servinglab.workloads import Request
+
+
+@dataclass
+class ThroughputResult:
+    system: str
+    num_requests: int
+    output_tokens: int
+    elapsed_s: float
+    token_ids: list[list[int]] | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+
+def bench_lab(model_dir: str, workload: list[Request], dtype: str = "bfloat16", **engine_kwargs) -> ThroughputResult:
+    """The lab engine (``servinglab.llm.LLM``) on the workload."""
+    from servinglab.llm import LLM
+    from servinglab.sampling import SamplingParams
+
+    llm = LLM(model=model_dir, dtype=dtype, **engine_kwargs)
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
+    prompts = [r.prompt_token_ids for r in workload]
+    llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    ids = [o.outputs[0].token_ids for o in outs]
+    return ThroughputResult("lab engine", len(workload), sum(map(len, ids)), elapsed, ids)
+
+
+def bench_vllm(model_dir: str, workload: list[Request], dtype: str = "bfloat16") -> ThroughputResult:
+    """Real vLLM (offline ``LLM.generate``, enforce_eager) in a child process."""
+    from servinglab.vllm_oracle import vllm_generate
+
+    sampling = [{"temperature": 0.0, "max_tokens": r.output_len, "ignore_eos": True} for r in workload]
+    res = vllm_generate(model_dir, [r.prompt_token_ids for r in workload], sampling, {"dtype": dtype})
+    return ThroughputResult(res["build"] or "vllm", len(workload), res["output_tokens"], res["elapsed_s"], res["token_ids"])
+
+
+def bench_hf_static(model_dir: str, workload: list[Request], dtype: str = "bfloat16", batch_size: int = 16) -> ThroughputResult:
+    """transformers ``generate`` with static batches (left padding); a batch runs until its longest
+    request is done, and only the tokens each request asked for count as output."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    pad = model.config.eos_token_id
+
+    def run(batch: list[Request]) -> None:
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.tensor([[pad] * (width - len(r.prompt_token_ids)) + r.prompt_token_ids for r in batch])
+        mask = torch.tensor([[0] * (width - len(r.prompt_token_ids)) + [1] * len(r.prompt_token_ids) for r in batch])
+        longest = max(r.output_len for r in batch)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False, pad_token_id=pad)
+
+    with torch.inference_mode():
+        run(workload[:1])  # warm-up
+        start = time.perf_counter()
+        for i in tqdm(range(0, len(workload), batch_size), desc="transformers static batches", leave=False):
+            run(workload[i : i + batch_size])
+        elapsed = time.perf_counter() - start
+    return ThroughputResult(f"transformers static batch {batch_size}", len(workload), sum(r.output_len for r in workload), elapsed)
+
+
+def agreement(a: list[list[int]], b: list[list[int]], prefix: int = 32) -> float:
+    """Share of requests whose first ``prefix`` tokens are identical."""
+    same = sum(x[:prefix] == y[:prefix] for x, y in zip(a, b))
+    return same / len(a)
+
+
+def throughput_table(results: list[ThroughputResult]) -> str:
+    base = results[0].tokens_per_s
+    lines = [f"| system | requests | output tokens | time (s) | output tokens/s | vs {results[0].system} |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        lines.append(f"| {r.system} | {r.num_requests} | {r.output_tokens} | {r.elapsed_s:.1f} | {r.tokens_per_s:.1f} | {r.tokens_per_s / base:.2f}x |")
+    return "\n".join(lines)
+
+
+def save_results(out_dir: Path, name: str, payload: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def run_throughput(model_dir: str, systems: list[str], workload: list[Request], dtype: str, out_dir: Path, hf_batch: int = 16) -> list[ThroughputResult]:
+    """Run the chosen systems on one workload; print and save the table (and a bar chart)."""
+    runners = {
+        "lab": lambda: bench_lab(model_dir, workload, dtype),
+        "vllm": lambda: bench_vllm(model_dir, workload, dtype),
+        "hf": lambda: bench_hf_static(model_dir, workload, dtype, hf_batch),
+    }
+    unknown = [s for s in systems if s not in runners]
+    if unknown:
+        raise ValueError(f"systems must be among {sorted(runners)}, got {unknown}")
+    results = []
+    for s in tqdm(systems, desc="systems"):
+        results.append(runners[s]())
+        print(f"{results[-1].system}: {results[-1].tokens_per_s:.1f} output tokens/s", flush=True)
+    print(throughput_table(results))
+    payload = {"workload": {"num_requests": len(workload), "output_tokens": sum(r.output_len for r in workload)},
+               "dtype": dtype, "results": [{k: v for k, v in asdict(r).items() if k != "token_ids"} | {"tokens_per_s": r.tokens_per_s} for r in results]}
+    with_ids = {r.system: r.token_ids for r in results if r.token_ids is not None}
+    if len(with_ids) == 2:
+        (na, a), (nb, b) = with_ids.items()
+        share = agreement(a, b)
+        print(f"first 32 greedy tokens identical, {na} vs {nb}: {share:.1%} of requests")
+        payload["agreement_first32"] = share
+    save_results(out_dir, "throughput", payload)
+    _plot_bars(results, out_dir / "throughput.png")
+    return results
+
+
+def _plot_bars(results: list[ThroughputResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.barh([r.system for r in results], [r.tokens_per_s for r in results], color="tab:blue")
+    ax.set_xlabel("output tokens/s (higher is better)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,273 @@
+"""The lab engine: the step loop that wires scheduler, block manager, runner and sampler.
+
+Each :meth:`LLMEngine.step` is one iteration of continuous batching (Orca, OSDI 2022):
+the student's scheduler picks which sequences run and how many tokens each computes,
+the runner writes their K/V into the student's paged blocks and runs the model through
+the student's paged attention, the sampler picks the next tokens, and finished sequences
+hand their blocks back. Requests join and leave between any two steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from servinglab.cache import KVCacheSpec, allocate_kv_cache
+from servinglab.config import EngineConfig
+from servinglab.impl import load_part
+from servinglab.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from servinglab.runner import ModelRunner
+from servinglab.sampling import SamplingParams, make_generator, sample
+from servinglab.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class StepRecord:
+    """What one step ran, for timelines and utilization plots."""
+
+    index: int
+    start: float
+    end: float
+    scheduled: list[tuple[int, int, bool]]  # (seq_id, num_new_tokens, was_prefill)
+    preempted: list[int]
+    kv_usage: float
+    num_waiting: int
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    stream: bool = False
+    seqs: list[Sequence] = field(default_factory=list)  # index i is completion i (forks appended later)
+    generators: dict[int, torch.Generator | None] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache (vLLM's ``LLMEngine`` in miniature)."""
+
+    def __init__(self, config: EngineConfig, model: torch.nn.Module | None = None, hf_config=None, tokenizer=None) -> None:
+        from servinglab import weights
+
+        self.config = config
+        self.device = config.torch_device
+        if model is None:
+            if config.model is None:
+                raise ValueError("model must be a model folder (run `servinglab prepare-model`) or a model object")
+            model, hf_config = weights.load_model(config.model, dtype=config.torch_dtype, device=self.device)
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(config.model)
+        elif hf_config is None:
+            raise ValueError("hf_config is required when a model object is passed")
+        self.model, self.hf_config, self.tokenizer = model, hf_config, tokenizer
+        limit = getattr(hf_config, "max_position_embeddings", 2048)
+        self.max_model_len = config.max_model_len or min(limit, 2048)
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len ({self.max_model_len}) must be <= the model's max_position_embeddings ({limit})")
+        eos = getattr(hf_config, "eos_token_id", None)
+        self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+        self.kv_spec = KVCacheSpec.from_hf_config(hf_config)
+        bytes_per_block = 2 * self.kv_spec.num_layers * self.kv_spec.num_kv_heads * self.kv_spec.head_dim
+        bytes_per_block *= config.block_size * torch.empty((), dtype=config.torch_dtype).element_size()
+        self.num_kv_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gib * 2**30 // bytes_per_block)
+        if self.num_kv_blocks < 1:
+            raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no {bytes_per_block}-byte block")
+        kv_caches = allocate_kv_cache(self.kv_spec, self.num_kv_blocks, config.block_size, config.torch_dtype, self.device)
+
+        self.block_manager = load_part("block_manager").PagedAttentionConfig(
+            num_blocks=self.num_kv_blocks, block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        self.scheduler = load_part("scheduler").Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device)
+        self.requests: dict[str, _Request] = {}
+        self._seq_to_request: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self.step_log: list[StepRecord] = []
+        self.record_steps = False
+        self.num_steps = 0
+
+    # ---------------------------------------------------------------- requests
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """Return ``(text or None, token ids)`` for a text or token-id prompt."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the engine has no tokenizer: pass token ids")
+            return prompt, self.tokenizer(prompt)["input_ids"]
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        return None, list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None, arrival_time: float | None = None, stream: bool = False) -> str:
+        """Queue a request; raises ``ValueError`` (naming the parameter) if it can never run.
+
+        With ``stream=True`` every step that advances the request returns a snapshot of it;
+        otherwise :meth:`step` returns the request once, when it finishes.
+        """
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: it needs room for one output token")
+        blocks_needed = -(-(len(ids) + 1) // self.config.block_size)
+        if blocks_needed > self.num_kv_blocks:
+            raise ValueError(f"prompt needs {blocks_needed} KV blocks but the cache has only num_kv_blocks={self.num_kv_blocks}")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        now = time.perf_counter()
+        req = _Request(request_id, text, ids, params, RequestMetrics(arrival_time if arrival_time is not None else now), stream)
+        seq = Sequence(list(ids), request_id=request_id, sampling_params=params, arrival_time=req.metrics.arrival_time)
+        req.seqs.append(seq)
+        req.generators[seq.seq_id] = make_generator(params, 0, self.device)
+        self.requests[request_id] = req
+        self._seq_to_request[seq.seq_id] = req
+        self.scheduler.add_sequence(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Cancel a request: its sequences leave the queues and their blocks are freed."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.status = SequenceStatus.FINISHED_ABORTED
+                self.scheduler.finish_sequence(seq)
+            self._seq_to_request.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---------------------------------------------------------------- the step
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return outputs of requests that progressed (finished ones last time)."""
+        start = time.perf_counter()
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            if self.scheduler.has_unfinished() and not self.scheduler.running:
+                raise RuntimeError("the scheduler has waiting requests but scheduled nothing with an empty batch")
+            return []
+        was_prefill = [s.seq.is_prefill for s in out.scheduled]
+        seqs, logits = self.runner.execute(out, self.block_manager.block_tables)
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+        now = time.perf_counter()
+        touched: dict[str, _Request] = {}
+        params = [s.sampling_params for s in seqs]
+        gens = [self._seq_to_request[s.seq_id].generators.get(s.seq_id) for s in seqs]
+        tokens = sample(logits, params, gens)
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+            req = self._seq_to_request[seq.seq_id]
+            touched[req.request_id] = req
+            self._append_token(req, seq, token, now)
+            if len(req.seqs) < req.params.n and seq is req.seqs[0]:
+                self._fork_children(req, seq, logits[row : row + 1], now)
+        self.num_steps += 1
+        if self.record_steps:
+            stats = self.block_manager.get_stats()
+            self.step_log.append(StepRecord(
+                self.num_steps, start, time.perf_counter(),
+                [(s.seq.seq_id, s.num_new_tokens, p) for s, p in zip(out.scheduled, was_prefill)],
+                [s.seq_id for s in out.preempted], stats.usage, len(self.scheduler.waiting),
+            ))
+        return [self._output(req) for req in touched.values() if req.stream or req.finished]
+
+    def _fork_children(self, req: _Request, parent: Sequence, logits_row: torch.Tensor, now: float) -> None:
+        """Parallel sampling: the other n-1 completions share the prompt's blocks (copy-on-write)."""
+        for index in range(1, req.params.n):
+            child = Sequence(list(req.prompt_token_ids), request_id=req.request_id, sampling_params=req.params, arrival_time=parent.arrival_time)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.first_scheduled_time = parent.first_scheduled_time
+            req.seqs.append(child)
+            req.generators[child.seq_id] = make_generator(req.params, index, self.device)
+            self._seq_to_request[child.seq_id] = req
+            self.scheduler.fork_sequence(parent, child)
+            token = sample(logits_row, [req.params], [req.generators[child.seq_id]])[0]
+            self._append_token(req, child, token, now)
+
+    def _append_token(self, req: _Request, seq: Sequence, token: int, now: float) -> None:
+        seq.output_token_ids.append(token)
+        seq.token_times.append(now)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        m = req.metrics
+        if m.first_token_time is None:
+            m.first_token_time, m.first_scheduled_time = now, seq.first_scheduled_time
+        if seq is req.seqs[0]:
+            m.token_times.append(now)
+        reason = self._stop_reason(seq)
+        if reason is not None:
+            seq.status, seq.finish_time = reason, now
+            self.scheduler.finish_sequence(seq)
+
+    def _stop_reason(self, seq: Sequence) -> SequenceStatus | None:
+        p: SamplingParams = seq.sampling_params
+        n_out = len(seq.output_token_ids)
+        last = seq.output_token_ids[-1]
+        if n_out >= p.min_tokens:
+            if (not p.ignore_eos and last in self.eos_token_ids) or last in p.stop_token_ids:
+                return SequenceStatus.FINISHED_STOPPED
+            if p.stop and self._find_stop(seq) is not None:
+                return SequenceStatus.FINISHED_STOPPED
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH
+        return None
+
+    def _find_stop(self, seq: Sequence) -> tuple[int, str] | None:
+        """Earliest stop string in the decoded output: (char index, the string)."""
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.sampling_params.skip_special_tokens)
+        hits = [(text.find(s), s) for s in seq.sampling_params.stop if s in text]
+        return min(hits) if hits else None
+
+    def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
+        p: SamplingParams = seq.sampling_params
+        ids = list(seq.output_token_ids)
+        stop_reason: int | str | None = None
+        text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens) if self.tokenizer is not None else ""
+        if seq.status is SequenceStatus.FINISHED_STOPPED:
+            found = self._find_stop(seq) if p.stop else None
+            if found is not None:
+                text, stop_reason = text[: found[0]], found[1]
+            elif ids and (ids[-1] in p.stop_token_ids or ids[-1] in self.eos_token_ids):
+                stop_reason = ids[-1]
+        reason = seq.status.value if seq.is_finished else None
+        return CompletionOutput(index, text, ids, reason, stop_reason)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        finished = req.finished
+        if finished:
+            req.metrics.finished_time = max(s.finish_time or 0.0 for s in req.seqs)
+            req.metrics.num_cached_tokens = req.seqs[0].num_cached_tokens
+            req.metrics.num_preemptions = sum(s.num_preemptions for s in req.seqs)
+            self.requests.pop(req.request_id, None)
+            for s in req.seqs:
+                self._seq_to_request.pop(s.seq_id, None)
+        outs = [self._completion(i, s) for i, s in enumerate(req.seqs)]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.metrics)

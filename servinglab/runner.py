@@ -1,0 +1,172 @@
+"""Turn a scheduled step into tensors and run the model (nano-vllm's ``model_runner``).
+
+The scheduler (Part 4) decides *which* tokens run this step: for each scheduled sequence,
+``num_new_tokens`` tokens starting at ``seq.num_computed_tokens``. The runner flattens
+them into one batch of ``T`` tokens, computes where each token's K/V goes (the slot
+mapping, through the sequence's block table from Part 2), runs the model once, and
+returns logits only for the sequences whose step reaches their last token, i.e. those
+that sample a token now. A chunk in the middle of a chunked prefill samples nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from servinglab.interfaces import AttentionMetadata, SchedulerOutput
+from servinglab.model import KVCache, LlamaForCausalLM
+from servinglab.sequence import Sequence
+
+
+@dataclass
+class PreparedBatch:
+    """One step's model inputs.
+
+    Attributes:
+        input_ids: ``[T]`` int64 token ids of every scheduled token, sequence after sequence.
+        positions: ``[T]`` int64 position of each token in its sequence.
+        metadata: what Part 3 needs (slot mapping, block tables, lengths).
+        logits_indices: ``[S]`` int64 rows of the batch whose logits are sampled.
+        sample_seqs: the ``S`` sequences those rows belong to, in the same order.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor
+    sample_seqs: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class ModelRunner:
+    """Runs :class:`~servinglab.model.LlamaForCausalLM` on scheduled batches over a paged KV cache.
+
+    Args:
+        model: the model (its parameters already on ``device``).
+        kv_caches: one ``(k_cache, v_cache)`` per layer, each ``[num_blocks, block_size, kv_heads, head_dim]``.
+        block_size: tokens per block; must match the cache tensors.
+        device: where the step's index tensors are built.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[KVCache], block_size: int, device: torch.device | str) -> None:
+        if not kv_caches or kv_caches[0][0].shape[1] != block_size:
+            raise ValueError(f"block_size {block_size} does not match the KV cache tensors")
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.num_blocks = int(kv_caches[0][0].shape[0])
+        self.device = torch.device(device)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+    def prepare_inputs(self, out: SchedulerOutput, block_tables: dict[int, list[int]]) -> PreparedBatch:
+        """Flatten ``out.scheduled`` into model inputs.
+
+        Args:
+            out: the step; each entry computes tokens
+                ``seq.token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]``.
+            block_tables: ``seq_id -> block ids`` (Part 2's tables), covering at least the
+                positions written this step.
+
+        Returns:
+            The :class:`PreparedBatch`; ``context_lens = num_computed_tokens + num_new_tokens``.
+        """
+        if out.is_empty:
+            raise ValueError("cannot prepare an empty step (SchedulerOutput.scheduled is empty)")
+        bs = self.block_size
+        token_ids: list[int] = []
+        q_lens: list[int] = []
+        ctx_lens: list[int] = []
+        tables: list[list[int]] = []
+        logits_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        num_rows = 0
+        for item in out.scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            if n <= 0 or end > seq.num_tokens:
+                raise ValueError(
+                    f"num_new_tokens must be in 1..{seq.num_uncomputed_tokens} for {seq}, got {n}"
+                )
+            table = block_tables.get(seq.seq_id)
+            needed = -(-end // bs)
+            if table is None or len(table) < needed:
+                have = "no block table" if table is None else f"{len(table)} blocks"
+                raise ValueError(f"{seq} needs {needed} blocks for {end} tokens, has {have}")
+            ids = seq.prompt_token_ids if end <= seq.num_prompt_tokens else seq.token_ids
+            token_ids.extend(ids[start:end])
+            q_lens.append(n)
+            ctx_lens.append(end)
+            tables.append(table[:needed])
+            num_rows += n
+            if end == seq.num_tokens:  # the step reaches the last token: sample the next one
+                logits_rows.append(num_rows - 1)
+                sample_seqs.append(seq)
+
+        num_seqs = len(q_lens)
+        q_lens_np = np.asarray(q_lens, dtype=np.int64)
+        ctx_np = np.asarray(ctx_lens, dtype=np.int64)
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(q_lens_np, out=query_start_loc[1:])
+        # Position of every token: its row index minus its sequence's first row, plus the
+        # sequence's first new position (num_computed = context_len - query_len).
+        seq_of_row = np.repeat(np.arange(num_seqs), q_lens_np)
+        positions = np.arange(num_rows) - query_start_loc[:-1][seq_of_row] + (ctx_np - q_lens_np)[seq_of_row]
+        max_blocks = max(len(t) for t in tables)
+        table_np = np.zeros((num_seqs, max_blocks), dtype=np.int64)  # padded with block 0
+        for b, t in enumerate(tables):
+            table_np[b, : len(t)] = t
+        # slot = block_table[p // block_size] * block_size + p % block_size (vLLM, section 4.1)
+        slots = table_np[seq_of_row, positions // bs] * bs + positions % bs
+
+        metadata = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            block_tables=self._tensor(table_np.astype(np.int32)),
+            context_lens=self._tensor(ctx_np.astype(np.int32)),
+            query_start_loc=self._tensor(query_start_loc.astype(np.int32)),
+            max_query_len=max(q_lens),
+            max_context_len=max(ctx_lens),
+            context_lens_list=ctx_lens,
+            query_lens_list=q_lens,
+        )
+        return PreparedBatch(
+            input_ids=self._tensor(np.asarray(token_ids, dtype=np.int64)),
+            positions=self._tensor(positions),
+            metadata=metadata,
+            logits_indices=self._tensor(np.asarray(logits_rows, dtype=np.int64)),
+            sample_seqs=sample_seqs,
+        )
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: for each ``(src, dst)``, copy block ``src`` into ``dst`` in every layer's K and V."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
+        if int(torch.cat([src, dst]).min()) < 0 or int(torch.cat([src, dst]).max()) >= self.num_blocks:
+            raise ValueError(f"block ids in {pairs} must be in 0..{self.num_blocks - 1}")
+        with torch.inference_mode():
+            for k_cache, v_cache in self.kv_caches:
+                # index_select makes a copy first, so a dst that is also a src reads the old data.
+                k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+                v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+
+    def execute(self, out: SchedulerOutput, block_tables: dict[int, list[int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Run one step: block copies, then the model.
+
+        Returns:
+            ``(sample_seqs, logits)`` with float32 ``logits[i]`` (``[vocab]``) for the next
+            token of ``sample_seqs[i]``; ``([], [0, vocab])`` when no sequence samples.
+        """
+        self.copy_blocks(out.block_copies)
+        batch = self.prepare_inputs(out, block_tables)
+        with torch.inference_mode():
+            hidden = self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_caches)
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+        return batch.sample_seqs, logits
