@@ -45,8 +45,9 @@ def hash_block_tokens(parent_hash: bytes | None, token_ids: Seq[int]) -> bytes:
         A 32-byte SHA-256 digest.
     """
     # A collision would silently serve another prompt's K/V, so use a cryptographic hash
-    # rather than Python's hash() (which is trivially invertible on ints); vLLM made the
-    # same switch. repr() of the pair is an unambiguous byte encoding of both parts.
+    # rather than Python's hash() (trivially invertible on ints); vLLM's prefix cache
+    # offers SHA-256 for the same reason. repr() of the pair is an unambiguous encoding
+    # of both parts (int() first, so numpy or torch integers hash like Python ints).
     raise NotImplementedError("hash_block_tokens: your code here")
 
 
@@ -95,6 +96,17 @@ class BlockPool:
     def cache_block(self, block: int, block_hash: bytes) -> None:
         """Publish ``block`` under ``block_hash``, unless another block already holds that content."""
         raise NotImplementedError("cache_block: your code here")
+
+    def match_prefix(self, token_ids: Seq[int], block_size: int, max_blocks: int) -> tuple[list[int], list[bytes]]:
+        """Return the longest run of cached blocks holding the first full blocks of ``token_ids``.
+
+        Looks at no more than ``max_blocks`` blocks and stops at the first miss: a later
+        block cannot hit, since its key includes the missing block's.
+
+        Returns:
+            ``(blocks, keys)``: the hit block ids and their keys, in token order.
+        """
+        raise NotImplementedError("match_prefix: your code here")
 
     def uncache_block(self, block: int) -> None:
         """Remove ``block`` from the prefix cache (its content is about to change)."""

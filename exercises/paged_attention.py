@@ -49,7 +49,8 @@ def write_to_kv_cache(
         slot_mapping: ``[T]`` int64; row ``t`` goes to slot ``slot_mapping[t]``, i.e. to
             ``cache[slot // block_size, slot % block_size]``.
 
-    Every other slot must stay untouched. A GPU build would call vLLM's
+    ``key`` and ``value`` may be non-contiguous views (the model slices them out of one
+    fused projection). Every other slot must stay untouched. A GPU build would call vLLM's
     ``reshape_and_cache`` kernel here with the same arguments.
     """
     # Hint: view the cache as [num_blocks * block_size, num_kv_heads, head_dim] (a view

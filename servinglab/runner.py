@@ -99,8 +99,13 @@ class ModelRunner:
             if table is None or len(table) < needed:
                 have = "no block table" if table is None else f"{len(table)} blocks"
                 raise ValueError(f"{seq} needs {needed} blocks for {end} tokens, has {have}")
-            ids = seq.prompt_token_ids if end <= seq.num_prompt_tokens else seq.token_ids
-            token_ids.extend(ids[start:end])
+            prompt_len = seq.num_prompt_tokens
+            if end <= prompt_len:
+                token_ids.extend(seq.prompt_token_ids[start:end])
+            elif start >= prompt_len:  # decode: avoid building prompt + output every step
+                token_ids.extend(seq.output_token_ids[start - prompt_len : end - prompt_len])
+            else:
+                token_ids.extend(seq.token_ids[start:end])
             q_lens.append(n)
             ctx_lens.append(end)
             tables.append(table[:needed])
@@ -147,10 +152,10 @@ class ModelRunner:
         """Copy-on-write: for each ``(src, dst)``, copy block ``src`` into ``dst`` in every layer's K and V."""
         if not pairs:
             return
+        if any(not (0 <= b < self.num_blocks) for pair in pairs for b in pair):
+            raise ValueError(f"block ids in {pairs} must be in 0..{self.num_blocks - 1}")
         src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
         dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
-        if int(torch.cat([src, dst]).min()) < 0 or int(torch.cat([src, dst]).max()) >= self.num_blocks:
-            raise ValueError(f"block ids in {pairs} must be in 0..{self.num_blocks - 1}")
         with torch.inference_mode():
             for k_cache, v_cache in self.kv_caches:
                 # index_select makes a copy first, so a dst that is also a src reads the old data.

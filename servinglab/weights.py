@@ -34,11 +34,10 @@ def hf_to_fused(hf_state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[
             out[name] = tensor
             continue
         layer, block, proj, kind = m.groups()
-        stacked, order = _STACKS[block]
-        key = f"model.layers.{layer}.{block}.{stacked}.{kind}"
+        key = f"model.layers.{layer}.{block}.{_STACKS[block][0]}.{kind}"
         parts.setdefault(key, {})[proj] = tensor
     for key, pieces in parts.items():
-        order = _STACKS[key.split(".")[3]][1]
+        order = _STACKS[key.split(".")[3]][1]  # the stacking order is the model's split order
         missing = [p for p in order if p not in pieces]
         if missing:
             raise KeyError(f"checkpoint lacks {missing} projections for {key}")
@@ -152,8 +151,8 @@ def to_transformers(model: LlamaForCausalLM, dtype: torch.dtype | None = None):
     """A transformers ``LlamaForCausalLM`` holding the same weights as ``model`` (the test oracle)."""
     from transformers import LlamaForCausalLM as HFLlamaForCausalLM
 
-    config = LlamaConfig.from_dict(model.config.to_dict())
-    config._attn_implementation = "eager"
+    # Eager attention: the plainest reference (matmul, softmax, matmul).
+    config = LlamaConfig.from_dict(model.config.to_dict(), attn_implementation="eager")
     dtype = dtype or next(model.parameters()).dtype
     with torch.device("meta"):
         hf = HFLlamaForCausalLM(config)

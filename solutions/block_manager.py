@@ -1,27 +1,23 @@
 """Part 2: the paged KV-cache block manager (PagedAttention's memory manager).
 
-PagedAttention (Kwon et al., SOSP 2023) stores each sequence's K/V in fixed-size blocks
-that need not be contiguous, like pages of virtual memory: a *block table* maps the
-sequence's logical blocks to physical ones, and a sequence only ever wastes the unfilled
-tail of its last block. This module owns the block tables; :mod:`.block_pool` owns the
-physical blocks (reference counts, LRU free queue, prefix-cache map).
+PagedAttention (Kwon et al., SOSP 2023) keeps each sequence's K/V in fixed-size blocks,
+like pages of virtual memory: a *block table* maps a sequence's logical blocks to
+physical ones, so a sequence wastes only the unfilled tail of its last block. This
+module owns the block tables; :mod:`.block_pool` owns the physical blocks.
 
-Three ideas on top of plain paging, each from the paper or from vLLM v1:
-
-- Sharing and copy-on-write (paper, section 4.4): :meth:`PagedAttentionConfig.fork`
-  lets a child sequence share all of its parent's blocks; the first write into a block
-  that is still shared copies it, and :meth:`~PagedAttentionConfig.append_slots` returns
-  the ``(src, dst)`` pairs so the runner can copy the K/V before the step.
-- Automatic prefix caching (vLLM v1): a full block whose K/V are computed is published
-  under a hash of its tokens chained with its parent's hash; a later prompt that starts
-  with the same full blocks reuses them instead of recomputing.
-- The last prompt token is always recomputed: its forward pass produces the logits of
-  the first output token, so a prefix hit counts at most the full blocks that end at or
-  before position ``len(token_ids) - 1``, i.e. ``(len - 1) // block_size`` blocks.
+- Sharing and copy-on-write (paper, section 4.4): :meth:`~PagedAttentionConfig.fork`
+  shares every block; the first write into a still-shared block copies it, and
+  :meth:`~PagedAttentionConfig.append_slots` returns the ``(src, dst)`` copies to make.
+- Automatic prefix caching (vLLM v1): a full, computed block is published under a hash
+  of its tokens chained with its parent's hash; a later prompt that starts with the
+  same full blocks reuses them.
+- The last prompt token is always recomputed (its forward pass yields the first output
+  token's logits), so a hit covers at most ``(len(token_ids) - 1) // block_size`` blocks.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence as Seq
 
 from servinglab.interfaces import BlockManagerStats
@@ -29,6 +25,14 @@ from servinglab.interfaces import BlockManagerStats
 from .block_pool import BlockPool, NoFreeBlocksError, hash_block_tokens
 
 __all__ = ["BlockManager", "BlockPool", "NoFreeBlocksError", "PagedAttentionConfig", "hash_block_tokens"]
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an integer > 0 (a bool is not)."""
+    ### BEGIN SOLUTION
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    ### END SOLUTION
 
 
 class PagedAttentionConfig:
@@ -46,15 +50,12 @@ class PagedAttentionConfig:
 
     def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = False) -> None:
         """Create an empty manager; raise ValueError unless both sizes are positive ints."""
-        ### BEGIN SOLUTION
-        for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        ### END SOLUTION
-        self.num_blocks = num_blocks
-        self.block_size = block_size
+        _check_positive_int("num_blocks", num_blocks)
+        _check_positive_int("block_size", block_size)
+        self.num_blocks = int(num_blocks)
+        self.block_size = int(block_size)
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(self.num_blocks)
         self.block_tables: dict[int, list[int]] = {}
         # Where each sequence's next write is expected (the end of its last append_slots
         # range): lets can_append_slots count the copy-on-writes that append will need.
@@ -103,27 +104,12 @@ class PagedAttentionConfig:
         ### END SOLUTION
 
     def _match_prefix(self, token_ids: Seq[int]) -> tuple[list[int], list[bytes]]:
-        """Return the cached blocks that start ``token_ids`` and their chained keys.
-
-        Walks the prompt's full blocks from the first, stops at the first miss (a later
-        block cannot match: its key includes the missing one's), and never looks past
-        the ``(len(token_ids) - 1) // block_size`` blocks before the last token.
-        Returns empty lists when prefix caching is off.
-        """
+        """The cached blocks that start ``token_ids`` and their keys (empty without prefix caching)."""
+        # Only blocks wholly before the last token may hit: it is always recomputed.
         ### BEGIN SOLUTION
-        hits: list[int] = []
-        keys: list[bytes] = []
         if not self.enable_prefix_caching:
-            return hits, keys
-        key: bytes | None = None
-        for i in range((len(token_ids) - 1) // self.block_size):
-            key = hash_block_tokens(key, token_ids[i * self.block_size : (i + 1) * self.block_size])
-            block = self.pool.cached_block.get(key)
-            if block is None:
-                break
-            hits.append(block)
-            keys.append(key)
-        return hits, keys
+            return [], []
+        return self.pool.match_prefix(token_ids, self.block_size, (len(token_ids) - 1) // self.block_size)
         ### END SOLUTION
 
     def _free_blocks_needed(self, num_tokens: int, hits: list[int]) -> int:
@@ -215,7 +201,8 @@ class PagedAttentionConfig:
         Grows the table to cover ``num_computed_tokens + num_new_tokens`` tokens. Every
         block those positions fall in that is shared (ref count > 1) is copied on write:
         a fresh block replaces it in this table and the shared one loses a reference. A
-        cached block this sequence alone holds leaves the prefix cache (its content changes).
+        cached block this sequence alone holds leaves the prefix cache (its content
+        changes: after a speculative rollback, say).
 
         Returns:
             ``(src, dst)`` block pairs whose K/V the runner must copy before the step.
@@ -224,6 +211,8 @@ class PagedAttentionConfig:
             ValueError: a negative count, or ``num_computed_tokens`` past the table's slots.
             NoFreeBlocksError: not enough free blocks (nothing is changed).
         """
+        # Validate and count every block needed before changing anything, so that a
+        # NoFreeBlocksError leaves the manager as it was (the scheduler then preempts).
         ### BEGIN SOLUTION
         table = self._table(seq_id)
         capacity = len(table) * self.block_size
@@ -259,6 +248,7 @@ class PagedAttentionConfig:
         tokens (prompt then output); only the first ``num_computed_tokens`` matter.
         If another block already caches the same content, this one stays private.
         """
+        # Resume the hash chain after the blocks this sequence already published.
         ### BEGIN SOLUTION
         table = self._table(seq_id)
         limit = min(len(token_ids), len(table) * self.block_size)

@@ -43,10 +43,11 @@ def hash_block_tokens(parent_hash: bytes | None, token_ids: Seq[int]) -> bytes:
         A 32-byte SHA-256 digest.
     """
     # A collision would silently serve another prompt's K/V, so use a cryptographic hash
-    # rather than Python's hash() (which is trivially invertible on ints); vLLM made the
-    # same switch. repr() of the pair is an unambiguous byte encoding of both parts.
+    # rather than Python's hash() (trivially invertible on ints); vLLM's prefix cache
+    # offers SHA-256 for the same reason. repr() of the pair is an unambiguous encoding
+    # of both parts (int() first, so numpy or torch integers hash like Python ints).
     ### BEGIN SOLUTION
-    return hashlib.sha256(repr((parent_hash, tuple(token_ids))).encode()).digest()
+    return hashlib.sha256(repr((parent_hash, tuple(int(t) for t in token_ids))).encode()).digest()
     ### END SOLUTION
 
 
@@ -115,6 +116,29 @@ class BlockPool:
         if block_hash not in self.cached_block and self.block_hashes[block] is None:
             self.cached_block[block_hash] = block
             self.block_hashes[block] = block_hash
+        ### END SOLUTION
+
+    def match_prefix(self, token_ids: Seq[int], block_size: int, max_blocks: int) -> tuple[list[int], list[bytes]]:
+        """Return the longest run of cached blocks holding the first full blocks of ``token_ids``.
+
+        Looks at no more than ``max_blocks`` blocks and stops at the first miss: a later
+        block cannot hit, since its key includes the missing block's.
+
+        Returns:
+            ``(blocks, keys)``: the hit block ids and their keys, in token order.
+        """
+        ### BEGIN SOLUTION
+        blocks: list[int] = []
+        keys: list[bytes] = []
+        key: bytes | None = None
+        for i in range(max_blocks):
+            key = hash_block_tokens(key, token_ids[i * block_size : (i + 1) * block_size])
+            block = self.cached_block.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+            keys.append(key)
+        return blocks, keys
         ### END SOLUTION
 
     def uncache_block(self, block: int) -> None:

@@ -88,8 +88,8 @@ def gather_kv(
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     num_blocks = -(-context_len // block_size)
     blocks = block_table[:num_blocks].long()
-    keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len]
-    values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len]
+    keys = k_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:context_len]
+    values = v_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:context_len]
     return keys, values
     ### END SOLUTION
 
@@ -165,10 +165,11 @@ def batched_decode_attention(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     num_blocks = -(-max_context_len // block_size)
-    tables = block_tables[:, :num_blocks].long()
-    # [B, blocks, block_size, Hkv, D] -> [B, Hkv, L, D]
-    keys = k_cache[tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    tables = block_tables[:, :num_blocks].reshape(-1).long()
+    # index_select on dim 0 is a plain row copy, several times faster on CPU than
+    # advanced indexing k_cache[tables]. [B * blocks, block_size, Hkv, D] -> [B, Hkv, L, D]
+    keys = k_cache.index_select(0, tables).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, tables).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     # The G query heads sharing a KV head act as G query rows of that head: no need to
     # repeat K/V (grouped-query attention, Ainslie et al., 2023).
     q = query.view(num_seqs, num_kv_heads, group, head_dim)
@@ -219,18 +220,17 @@ def paged_attention(
             query, k_cache, v_cache, metadata.block_tables, metadata.context_lens, max(ctx_lens), scale
         )
     out = torch.empty_like(query)
-    if len(decode) > 1:
-        rows = torch.tensor([starts[b] for b in decode], device=query.device)
-        seqs = torch.tensor(decode, device=query.device)
+    batched = decode if len(decode) > 1 else []  # a lone decode row goes the general way
+    if batched:
+        rows = torch.tensor([starts[b] for b in batched], device=query.device)
+        seqs = torch.tensor(batched, device=query.device)
         out[rows] = batched_decode_attention(
             query[rows], k_cache, v_cache, metadata.block_tables[seqs], metadata.context_lens[seqs],
-            max(ctx_lens[b] for b in decode), scale,
+            max(ctx_lens[b] for b in batched), scale,
         )
-        done = set(decode)
-    else:
-        done = set()
+    skip = set(batched)
     for b, (q_len, ctx_len) in enumerate(zip(q_lens, ctx_lens)):
-        if b in done or q_len == 0:
+        if b in skip or q_len == 0:
             continue
         keys, values = gather_kv(k_cache, v_cache, metadata.block_tables[b], ctx_len)
         s = starts[b]

@@ -209,13 +209,15 @@ class Scheduler:
                 budget -= num_new
 
         if out.is_empty and not out.preempted and self.waiting and not self.running:
-            if bm.num_free_blocks == bm.num_blocks:
+            if bm.num_free_blocks == bm.num_blocks:  # an empty pool and a whole budget
                 head = self.waiting[0]
+                if not self.enable_chunked_prefill and head.num_tokens > self.max_num_batched_tokens:
+                    why = f"more than max_num_batched_tokens={self.max_num_batched_tokens} with chunked prefill off"
+                else:
+                    why = f"more than the whole pool of {bm.num_blocks} blocks of {bm.block_size} tokens holds"
                 raise RuntimeError(
-                    f"sequence {head.seq_id} ({head.num_tokens} tokens) cannot be scheduled even with an empty "
-                    f"pool of {bm.num_blocks} blocks of {bm.block_size} and a budget of "
-                    f"{self.max_num_batched_tokens} tokens: it has outgrown the KV cache; "
-                    f"limit max_tokens or give the cache more blocks"
+                    f"sequence {head.seq_id} has grown to {head.num_tokens} tokens, {why}: it can never be "
+                    f"scheduled again; limit max_tokens or give the scheduler more room"
                 )
         return out
         ### END SOLUTION

@@ -170,9 +170,16 @@ def test_mixed_batch(paged_attention, block_size, heads, kv_heads):
 @pytest.mark.part(3)
 @pytest.mark.points(1)
 def test_smollm2_head_layout(paged_attention):
-    """SmolLM2-135M's attention: 9 query heads over 3 KV heads of size 64."""
+    """SmolLM2-135M's attention: 9 query heads over 3 KV heads of size 64.
+
+    The query arrives as the model passes it: a view into a fused [T, 9 + 3, 64] tensor.
+    """
     specs = [(20, 20), (70, 1), (45, 1), (33, 8)]
-    check(paged_attention, make_case(specs, 9, 3, head_dim=64, block_size=16, seed=40, pad_blocks=3))
+    case = make_case(specs, 9, 3, head_dim=64, block_size=16, seed=40, pad_blocks=3)
+    fused = torch.cat([case.query, torch.randn(case.query.shape[0], 3, 64)], dim=1)
+    case.query = fused[:, :9]
+    assert not case.query.is_contiguous()
+    check(paged_attention, case)
 
 
 @pytest.mark.part(3)

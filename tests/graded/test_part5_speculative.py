@@ -33,6 +33,15 @@ DRAFTS = {  # draft laws q: close to p, bad (its mass where p is ~0), equal to p
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: torch's thread pool only adds wake-up latency (badly so on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(name="speculative")
 def speculative_module() -> ModuleType:
     return importlib.import_module(f"{servinglab.impl.current_impl()}.speculative")

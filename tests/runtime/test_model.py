@@ -67,8 +67,17 @@ class Harness:
         return {s.seq_id: row for s, row in zip(seqs, logits)}
 
 
-def test_prefill_then_decode_matches_transformers(tiny):
-    config, model = tiny
+CONFIGS = {
+    "tied-gqa2": {},
+    "untied-bias-mha": dict(tie_word_embeddings=False, attention_bias=True, num_key_value_heads=4),
+    "gqa4-headdim32": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, num_hidden_layers=3),
+}
+
+
+@pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
+def test_prefill_then_decode_matches_transformers(reference_attention, overrides):
+    config = tiny_llama_config(**overrides)
+    model = random_model(config, dtype=torch.float32, seed=1)
     hf = to_transformers(model)
     h = Harness(config, model)
     seq = Sequence(prompt_token_ids=[5, 17, 99, 3, 42, 7, 7, 250, 31, 64, 12])
@@ -131,6 +140,21 @@ def test_ragged_batch_equals_each_sequence_alone(tiny):
         assert len(got[seq.seq_id]) >= 3
         for mine, ref in zip(got[seq.seq_id], rows):
             torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_load_model_reads_a_transformers_folder(tiny, tmp_path):
+    """Save a transformers model to disk, load it with load_model: same logits."""
+    from servinglab.weights import load_model
+
+    config, model = tiny
+    to_transformers(model).save_pretrained(tmp_path)
+    loaded, loaded_config = load_model(tmp_path, dtype=torch.float32)
+    assert loaded_config.num_hidden_layers == config.num_hidden_layers
+    seq = Sequence(prompt_token_ids=[9, 8, 7, 6, 5, 4])
+    a = Harness(config, model).step([(seq, 6)])[seq.seq_id]
+    seq.num_computed_tokens = 0
+    b = Harness(loaded_config, loaded).step([(seq, 6)])[seq.seq_id]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_copy_blocks_copies_every_layer(tiny):

@@ -1,0 +1,53 @@
+"""A draft model for speculative decoding that costs no training and no extra weights.
+
+``build_draft_model(target, L)`` returns the target's first ``L`` decoder layers followed by
+its own final RMSNorm and (tied) LM head: an *early exit* of the target, used as the
+draft (self-speculative decoding: Zhang et al., "Draft & Verify", ACL 2024; Elhoushi et
+al., "LayerSkip", ACL 2024). Every module is shared with the target, so the draft adds
+no memory for weights, has the target's tokenizer and vocabulary by construction, and
+its K/V for layers ``0..L-1`` are exactly the target's own for the same tokens (a
+paged engine could reuse them instead of keeping a second cache).
+
+``scripts/draft_model_study.py`` measures acceptance and cost against ``L`` for
+SmolLM2-135M-Instruct and explains which ``L`` (if any) pays off.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def build_draft_model(target_hf_model: nn.Module, num_layers: int) -> nn.Module:
+    """The target's first ``num_layers`` layers + its final norm + its LM head, weights shared.
+
+    Args:
+        target_hf_model: a transformers Llama-family causal LM (``.model.layers``,
+            ``.model.norm``, ``.model.embed_tokens``, ``.model.rotary_emb``, ``.lm_head``).
+        num_layers: decoder layers the draft keeps, ``1 <= num_layers <`` the target's.
+
+    Returns:
+        A model of the target's class (``forward``, ``generate`` and its KV cache work as
+        usual) whose parameters are the target's own tensors: nothing is copied.
+    """
+    total = len(target_hf_model.model.layers)
+    if not isinstance(num_layers, int) or not 1 <= num_layers < total:
+        raise ValueError(f"num_layers must be an integer in [1, {total - 1}] (the target has {total} layers), got {num_layers!r}")
+    config = copy.deepcopy(target_hf_model.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types[:num_layers])
+    with torch.device("meta"):  # no time or memory spent on weights that are replaced below
+        draft = type(target_hf_model)(config)
+    inner, source = draft.model, target_hf_model.model
+    inner.embed_tokens = source.embed_tokens
+    inner.layers = nn.ModuleList(list(source.layers[:num_layers]))
+    inner.norm = source.norm
+    inner.rotary_emb = source.rotary_emb
+    draft.lm_head = target_hf_model.lm_head
+    left = [name for name, t in [*draft.named_parameters(), *draft.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"draft model has unshared tensors left on the meta device: {left}")
+    return draft.eval()
