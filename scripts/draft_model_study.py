@@ -83,17 +83,18 @@ def tokens_per_step(matches: list[bool], k: int) -> float:
     return len(matches) / steps
 
 
-def ngram_replay(prompt: list[int], cont: list[int], k: int) -> tuple[int, int, int]:
+def ngram_replay(prompt: list[int], cont: list[int], k: int) -> tuple[int, int, int, list[int]]:
     """Greedy speculative decoding with NgramProposer(1, 3, k) along the target's continuation:
-    (drafts proposed, drafts accepted, target passes)."""
-    proposer, i, proposed, accepted, steps = NgramProposer(1, 3, k), 0, 0, 0, 0
+    (drafts proposed, drafts accepted, target passes, drafts per pass)."""
+    proposer, i, proposed, accepted, steps, per_pass = NgramProposer(1, 3, k), 0, 0, 0, 0, []
     while i < len(cont):
         drafts = proposer.propose(prompt + cont[:i])[: len(cont) - i - 1]
         run = 0
         while run < len(drafts) and drafts[run] == cont[i + run]:
             run += 1
         proposed, accepted, steps, i = proposed + len(drafts), accepted + run, steps + 1, i + run + 1
-    return proposed, accepted, steps
+        per_pass.append(len(drafts))
+    return proposed, accepted, steps, per_pass
 
 
 @torch.inference_mode()
@@ -198,9 +199,10 @@ def main() -> None:
         tps = len(flat) / sum(len(r) / tokens_per_step(r, k) for r in rows)
         v = 1.0 + (v5 - 1.0) * k / 4  # extra verify cost taken as linear in k, measured at k = 4
         print(f"{str(key):>12} {a:6.3f} {c:6.3f} {k:6d} {expected_speedup(a, k, c):9.2f} {tps:8.2f} {tps / (k * c + v):6.2f}")
-    proposed, accepted, steps = (sum(x) for x in zip(*ngram_rows))
-    tps = len(evals) * args.max_new_tokens / steps
-    print(f"{'ngram(1-3)':>12} {accepted / max(proposed, 1):6.3f} {0.0:6.3f} {4:6d} {'-':>9} {tps:8.2f} {tps / v5:6.2f}"
+    proposed, accepted, steps = (sum(x[i] for x in ngram_rows) for i in range(3))
+    tokens = len(evals) * args.max_new_tokens
+    cost = sum(1.0 + (v5 - 1.0) * d / 4 for x in ngram_rows for d in x[3])  # in target decode steps
+    print(f"{'ngram(1-3)':>12} {accepted / max(proposed, 1):6.3f} {0.0:6.3f} {4:6d} {'-':>9} {tokens / steps:8.2f} {tokens / cost:6.2f}"
           f"   ({proposed} drafts over {len(evals) * args.max_new_tokens} tokens)")
 
 if __name__ == "__main__":

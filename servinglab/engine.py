@@ -133,9 +133,15 @@ class LLMEngine:
             raise ValueError("prompt must contain at least one token")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: it needs room for one output token")
-        blocks_needed = -(-(len(ids) + 1) // self.config.block_size)
+        # The longest this request can grow: prompt + max_tokens, capped by max_model_len.
+        # If even an empty cache cannot hold that, it could never finish: refuse it now.
+        longest = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        blocks_needed = -(-longest // self.config.block_size)
         if blocks_needed > self.num_kv_blocks:
-            raise ValueError(f"prompt needs {blocks_needed} KV blocks but the cache has only num_kv_blocks={self.num_kv_blocks}")
+            raise ValueError(
+                f"request needs up to {blocks_needed} KV blocks ({longest} tokens: prompt + max_tokens) but the cache has "
+                f"only num_kv_blocks={self.num_kv_blocks}; lower max_tokens or give the engine more KV memory"
+            )
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")

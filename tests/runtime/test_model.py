@@ -157,6 +157,12 @@ def test_load_model_reads_a_transformers_folder(tiny, tmp_path):
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_scaled_rope_is_refused(reference_attention):
+    config = tiny_llama_config(rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(NotImplementedError, match="linear"):
+        random_model(config)
+
+
 def test_copy_blocks_copies_every_layer(tiny):
     config, model = tiny
     h = Harness(config, model)
