@@ -36,7 +36,9 @@ import torch
 from servinglab.sampling import SamplingParams, probabilities
 
 PLACEHOLDER_TOKEN_ID = -1  # pads output rows past the emitted tokens (vLLM uses -1 too)
-LogitsFn = Callable[[list[int]], torch.Tensor]  # token ids -> logits [len(ids), V], one row per position
+# token ids -> logits [n, V] for the last n positions: all of them, or (a KV-cached model, see
+# servinglab.draft_model.cached_logits_fn) at least the positions not seen in the previous call.
+LogitsFn = Callable[[list[int]], torch.Tensor]
 
 
 class Proposer(Protocol):
@@ -69,9 +71,8 @@ def rejection_sample(
             token at position ``num_draft_tokens[b]`` comes from ``p`` as a bonus.
 
     Returns:
-        ``(output_token_ids [B, k + 1] long, num_accepted [B] long)``: row ``b`` holds
-        its ``num_accepted[b]`` accepted drafts, then one recovered or bonus token, then
-        ``-1`` padding; so ``num_accepted[b] + 1`` tokens are emitted.
+        ``(output_token_ids [B, k + 1] long, num_accepted [B] long)``: row ``b`` holds its
+        ``num_accepted[b]`` accepted drafts, one recovered or bonus token, then ``-1``s.
 
     Raises:
         ValueError: naming the parameter, for wrong ranks, mismatched ``B``, ``k`` or
@@ -96,21 +97,20 @@ class NgramProposer:
     """
 
     def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int, num_speculative_tokens: int) -> None:
+        # Store the three arguments as attributes of the same names; raise ValueError naming
+        # the parameter unless 1 <= prompt_lookup_min <= prompt_lookup_max and num_speculative_tokens >= 1.
         raise NotImplementedError("__init__: your code here")
 
     def propose(self, token_ids: Sequence[int]) -> list[int]:
         """Return up to ``num_speculative_tokens`` guessed next tokens, ``[]`` if no n-gram matches."""
+        # The suffix itself is not an "earlier" occurrence; an occurrence may overlap the suffix
+        # (in [5, 6, 5, 6] the 2-gram [5, 6] at 0 is followed by [5, 6]). Tensor.unfold lists n-grams.
         raise NotImplementedError("propose: your code here")
 
 
 class DraftModelProposer:
-    """A small draft model proposes by sampling ``k`` tokens one at a time.
-
-    Args:
-        model: token ids -> logits ``[len, V]`` (see :func:`as_logits_fn`); recomputed from
-            scratch each token, which keeps this batch-1 reference simple.
-        num_speculative_tokens: how many tokens to propose.
-    """
+    """A small draft model (a :data:`LogitsFn`) proposes by sampling ``num_speculative_tokens``
+    tokens one at a time from ``q = probabilities(draft logits, params)``."""
 
     def __init__(self, model: LogitsFn, num_speculative_tokens: int) -> None:
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
@@ -135,19 +135,9 @@ class DraftModelProposer:
         return self.propose_with_probs(token_ids, SamplingParams(temperature=0.0))[0]
 
 
-def as_logits_fn(model: torch.nn.Module) -> LogitsFn:
-    """Wrap a transformers causal LM as ``token ids -> logits [len, V]`` (fp32, no grad)."""
-
-    def fn(token_ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            return model(torch.tensor([token_ids])).logits[0].float()
-
-    return fn
-
-
 @dataclass
 class SpeculativeOutput:
-    """What :meth:`SpeculativeDecoding.generate_with_speculation` returns (vLLM's spec-decode metric names)."""
+    """Generated tokens and vLLM's spec-decode counters."""
 
     token_ids: list[int]
     num_steps: int  # target forward passes

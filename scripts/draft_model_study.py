@@ -59,7 +59,7 @@ def chat_ids(tok, text: str) -> list[int]:
 
 @torch.inference_mode()
 def greedy_continuation(model, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)  # stops at EOS
     return out[0, len(prompt):].tolist()
 
 
@@ -160,7 +160,7 @@ def main() -> None:
     t0 = time.perf_counter()
     evals = [(p := chat_ids(tok, text), greedy_continuation(target, p, args.max_new_tokens)) for text in EVAL_PROMPTS]
     ev = [exit_states(target, p, c) for p, c in evals]
-    print(f"target continuations: {len(evals)} x {args.max_new_tokens} tokens in {time.perf_counter() - t0:.0f} s")
+    print(f"target continuations: {len(evals)} prompts, {sum(len(c) for _, c in evals)} tokens in {time.perf_counter() - t0:.0f} s")
     with torch.inference_mode():
         match = {L: [(head(norm(hs[L])).argmax(-1) == y).tolist() for hs, y in ev] for L in args.layers}
     ngram_rows = [ngram_replay(p, c, 4) for p, c in evals]
@@ -200,10 +200,10 @@ def main() -> None:
         v = 1.0 + (v5 - 1.0) * k / 4  # extra verify cost taken as linear in k, measured at k = 4
         print(f"{str(key):>12} {a:6.3f} {c:6.3f} {k:6d} {expected_speedup(a, k, c):9.2f} {tps:8.2f} {tps / (k * c + v):6.2f}")
     proposed, accepted, steps = (sum(x[i] for x in ngram_rows) for i in range(3))
-    tokens = len(evals) * args.max_new_tokens
+    tokens = sum(len(c) for _, c in evals)
     cost = sum(1.0 + (v5 - 1.0) * d / 4 for x in ngram_rows for d in x[3])  # in target decode steps
     print(f"{'ngram(1-3)':>12} {accepted / max(proposed, 1):6.3f} {0.0:6.3f} {4:6d} {'-':>9} {tokens / steps:8.2f} {tokens / cost:6.2f}"
-          f"   ({proposed} drafts over {len(evals) * args.max_new_tokens} tokens)")
+          f"   ({proposed} drafts over {tokens} tokens)")
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""A draft model for speculative decoding that costs no training and no extra weights.
+"""Draft models and transformers adapters for speculative decoding outside the paged engine.
 
 ``build_draft_model(target, L)`` returns the target's first ``L`` decoder layers followed by
 its own final RMSNorm and (tied) LM head: an *early exit* of the target, used as the
@@ -10,11 +10,16 @@ paged engine could reuse them instead of keeping a second cache).
 
 ``scripts/draft_model_study.py`` measures acceptance and cost against ``L`` for
 SmolLM2-135M-Instruct and explains which ``L`` (if any) pays off.
+
+:func:`cached_logits_fn` wraps a transformers model as the ``token ids -> logits`` callable
+that Part 5's batch-1 loop calls, with a KV cache that is rolled back to the common prefix
+on every call: the same rollback of rejected draft slots a paged engine does.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -51,3 +56,36 @@ def build_draft_model(target_hf_model: nn.Module, num_layers: int) -> nn.Module:
     if left:
         raise RuntimeError(f"draft model has unshared tensors left on the meta device: {left}")
     return draft.eval()
+
+
+def cached_logits_fn(model: nn.Module) -> Callable[[list[int]], torch.Tensor]:
+    """``token ids -> logits [n, V]`` (fp32) for the trailing ``n`` positions, with a KV cache.
+
+    Each call reuses the cache for the longest prefix it shares with the previous call and
+    runs the model only on the rest (``n = len(ids) - shared``, at least 1). Cache entries
+    past the shared prefix (rejected drafts) are cropped first. Speculative decoding calls
+    the target on ``tokens + drafts`` and reads the last ``len(drafts) + 1`` rows, which are
+    always new: the token after the accepted drafts differs from the rejected draft, or is
+    the bonus token.
+    """
+    state: dict[str, object] = {"ids": [], "cache": None}
+
+    @torch.inference_mode()
+    def fn(token_ids: list[int]) -> torch.Tensor:
+        ids, old = list(token_ids), state["ids"]
+        shared = 0
+        while shared < min(len(old), len(ids) - 1) and old[shared] == ids[shared]:
+            shared += 1
+        cache = state["cache"]
+        if cache is not None and shared > 0:
+            drop = cache.get_seq_length() - shared
+            if drop > 0:
+                cache.crop(-drop)  # roll back K/V of tokens that are no longer in the sequence
+        else:
+            cache, shared = None, 0
+        out = model(torch.tensor([ids[shared:]]), past_key_values=cache, use_cache=True,
+                    position_ids=torch.arange(shared, len(ids)).unsqueeze(0))
+        state["ids"], state["cache"] = ids, out.past_key_values
+        return out.logits[0].float()
+
+    return fn

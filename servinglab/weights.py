@@ -147,17 +147,22 @@ def random_model(config: LlamaConfig, dtype: torch.dtype = torch.float32, seed: 
     return model.to(dtype).eval()
 
 
-def to_transformers(model: LlamaForCausalLM, dtype: torch.dtype | None = None):
-    """A transformers ``LlamaForCausalLM`` holding the same weights as ``model`` (the test oracle)."""
+def hf_model_from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """A transformers ``LlamaForCausalLM`` with the weights of ``state`` (our names or Hugging Face's).
+
+    This is the oracle the runtime tests compare against.
+    """
     from transformers import LlamaForCausalLM as HFLlamaForCausalLM
 
+    if any(".qkv_proj." in k or ".gate_up_proj." in k for k in state):
+        state = fused_to_hf(state, config)
+    elif getattr(config, "tie_word_embeddings", False):
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
     # Eager attention: the plainest reference (matmul, softmax, matmul).
-    config = LlamaConfig.from_dict(model.config.to_dict(), attn_implementation="eager")
-    dtype = dtype or next(model.parameters()).dtype
+    config = LlamaConfig.from_dict(config.to_dict(), attn_implementation="eager")
     with torch.device("meta"):
         hf = HFLlamaForCausalLM(config)
-    state = {k: v.detach().to(dtype).clone() for k, v in fused_to_hf(model.state_dict(), model.config).items()}
-    hf.load_state_dict(state, strict=True, assign=True)
+    hf.load_state_dict({k: v.detach().to(dtype).clone() for k, v in state.items()}, strict=True, assign=True)
     hf.tie_weights()
     # inv_freq is a non-persistent buffer, left on meta by the meta-device build: recompute it.
     rot = hf.model.rotary_emb
@@ -165,3 +170,9 @@ def to_transformers(model: LlamaForCausalLM, dtype: torch.dtype | None = None):
     rot.inv_freq = inv_freq
     rot.original_inv_freq = inv_freq.clone()
     return hf.eval()
+
+
+def to_transformers(model: LlamaForCausalLM, dtype: torch.dtype | None = None):
+    """A transformers ``LlamaForCausalLM`` holding the same weights as ``model`` (same dtype by default)."""
+    dtype = dtype or next(model.parameters()).dtype
+    return hf_model_from_state_dict(model.config, model.state_dict(), dtype)

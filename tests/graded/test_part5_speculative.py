@@ -173,6 +173,10 @@ def test_batch_rows_are_independent(speculative):
     for b in range(4):
         row, acc = speculative.rejection_sample(drafts[b : b + 1], None, target[b : b + 1], None)
         assert row[0].tolist() == out[b].tolist() and int(acc[0]) == int(num_accepted[b])
+    # num_draft_tokens marks padding: a row with n real drafts ends with a bonus token from row n
+    out3, acc3 = speculative.rejection_sample(drafts, None, target, None, num_draft_tokens=torch.tensor([3, 1, 0, 2]))
+    assert acc3.tolist() == [3, 1, 0, 2]
+    assert out3.tolist() == [[1, 2, 3, 4], [1, 2, -1, -1], [0, -1, -1, -1], [5, 4, 3, -1]]
     # verify_candidates is the seed-facing wrapper around the same sampler
     out2, acc2 = speculative.SpeculativeDecoding(num_speculative_tokens=3).verify_candidates(drafts, None, target)
     assert torch.equal(out2, out) and torch.equal(acc2, num_accepted)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from oracle import hf_greedy
 from servinglab import impl
 from servinglab.llm import LLM
 from servinglab.sampling import SamplingParams
@@ -38,11 +39,7 @@ def tiny():
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, config.vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENS]
     hf = to_transformers(model)
-    expected = []
-    with torch.inference_mode():
-        for p in prompts:
-            out = hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
-            expected.append(out[0, len(p):].tolist())
+    expected = [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
     return config, model, prompts, expected
 
 
@@ -84,8 +81,7 @@ def test_prefix_cache_hits_keep_outputs(tiny):
     shared = prompts[4][:40]
     variants = [shared + [7 + i] for i in range(4)]
     hf = to_transformers(model)
-    with torch.inference_mode():
-        want = [hf.generate(torch.tensor([v]), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(v):].tolist() for v in variants]
+    want = [hf_greedy(hf, v, 6) for v in variants]
     llm = make_llm(tiny, enable_prefix_caching=True)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     first = llm.generate(variants[:1], params, use_tqdm=False)

@@ -1,0 +1,279 @@
+"""Build notebooks/day51/05_speculative.ipynb: Part 5, speculative decoding."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nbbuild import Notebook  # noqa: E402
+
+nb = Notebook("05_speculative")
+nb.md("""
+# Part 5 - Speculative decoding
+
+A decode step reads every weight of the model to produce **one** token per sequence
+(Part 1: decode is memory-bound). Scoring a few more positions in the same pass costs
+little extra on a GPU, so if someone *guessed* the next `k` tokens, the target model could
+check all of them in one forward pass and keep the ones it agrees with.
+
+That is speculative decoding (Leviathan, Kalman and Matias, *Fast Inference from
+Transformers via Speculative Decoding*, ICML 2023, arXiv 2211.17192; Chen et al. 2023
+proposed the same scheme). A cheap **proposer** guesses `k` tokens: a small draft model,
+or, with no model at all, *prompt lookup*: copy what followed the last few tokens when
+they occurred earlier (vLLM's `ngram` method). A **rejection sampler** keeps a prefix of
+the guesses and adds one token of the target's own, and the output has exactly the
+target's distribution.
+
+You implement `exercises/speculative.py`: `rejection_sample`, `NgramProposer`,
+`SpeculativeDecoding.generate_with_speculation` and the formulas
+`expected_acceptance_rate`, `expected_tokens_per_step`, `expected_speedup`. Check yourself
+with `pytest tests/graded/test_part5_speculative.py`.
+""")
+nb.setup()
+nb.code("""
+import importlib, time
+import matplotlib.pyplot as plt
+import torch
+from scipy.stats import chisquare
+from servinglab.sampling import SamplingParams
+spec = importlib.import_module(f"{current_impl()}.speculative")
+torch.set_num_threads(1)  # batch-1 work on small tensors: one thread is as fast, and steady on a busy machine
+""")
+
+nb.md(r"""
+## 1. The algorithm
+
+For one sequence, with target distribution $p_i$ at draft position $i$ and draft
+distribution $q_i$ (the proposer sampled $x_i \sim q_i$):
+
+1. **Propose** $x_1, \dots, x_k$.
+2. **Score**: one target pass over `sequence + drafts` gives $p_1, \dots, p_{k+1}$
+   ($p_i$ predicts the token after $i - 1$ drafts).
+3. **Verify** left to right: accept $x_i$ with probability $\min(1, p_i(x_i) / q_i(x_i))$.
+   At the first rejection, emit a token drawn from $\mathrm{norm}(\max(0, p_i - q_i))$ and stop.
+4. If all $k$ are accepted, the pass already computed $p_{k+1}$: emit a **bonus** token from it.
+
+Every pass emits between 1 and $k + 1$ tokens. With greedy decoding $p_i$ is one-hot on
+the target's argmax, so the rule reduces to: accept while the draft equals the target's
+argmax, and at the first mismatch emit the target's argmax. An n-gram proposer has no
+distribution of its own: $q_i$ is one-hot on its guess, so the guess is accepted with
+probability $p_i(x_i)$.
+
+**Why the output is exactly $p$.** Take one position, drop the index. Rejection happens with
+probability $1 - \sum_y q(y) \min(1, p(y)/q(y)) = 1 - \sum_y \min(p(y), q(y)) = \sum_y \max(0, p(y) - q(y))$,
+which is exactly the normaliser of the residual. So
+
+$$P(x) = q(x)\min\Big(1, \tfrac{p(x)}{q(x)}\Big) + \Big(1 - \sum_y \min(p, q)(y)\Big)\,\frac{\max(0, p(x) - q(x))}{\sum_y \max(0, p(y) - q(y))}
+= \min(p(x), q(x)) + \max(0, p(x) - q(x)) = p(x).$$
+
+Position $i + 1$ is only reached after position $i$ emitted an accepted token, which has the
+target's own conditional law, so the argument repeats down the sequence. One draft is
+accepted with probability $\beta = \sum_x \min(p(x), q(x))$, one minus the total-variation
+distance between $p$ and $q$.
+""")
+
+nb.md("""
+## 2. Test the sampler: does it really sample from p?
+
+Six tokens, a target `p`, and a **bad** draft `q` that puts 90% of its mass on the token
+`p` likes least. Run 20,000 independent verification steps as one batch and compare the
+first emitted token's frequencies with `p` by Pearson's chi-square test; at a false-alarm
+rate of 1e-3 a correct sampler fails with probability 0.001 (the seed is fixed).
+""")
+nb.code("""
+p = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.08, 0.02])
+q = torch.tensor([0.01, 0.01, 0.01, 0.01, 0.06, 0.90])
+N, K = 20_000, 2
+gen = torch.Generator().manual_seed(0)
+draft_ids = torch.multinomial(q.expand(N * K, -1), 1, generator=gen).view(N, K)
+draft_probs, target_probs = q.expand(N, K, -1), p.expand(N, K + 1, -1)
+""")
+nb.solution("""
+# Verify all N rows with your rejection_sample (use `gen`). Then set
+#   first_tokens: the first emitted token of every row ([N] long)
+#   pvalue:       scipy.stats.chisquare of its counts against N * p
+#   acceptance:   the fraction of rows whose first draft was accepted
+### BEGIN SOLUTION
+out, num_accepted = spec.rejection_sample(draft_ids, draft_probs, target_probs, gen)
+first_tokens = out[:, 0]
+counts = torch.bincount(first_tokens, minlength=6).double()
+pvalue = chisquare(counts.numpy(), (p.double() / p.double().sum() * N).numpy()).pvalue
+acceptance = (num_accepted >= 1).double().mean().item()
+### END SOLUTION
+print(f"chi-square p-value {pvalue:.3f}; acceptance {acceptance:.4f} vs sum min(p, q) = {torch.minimum(p, q).sum():.4f}")
+""", "sampler_chi2")
+nb.tests("""
+assert first_tokens.shape == (N,)
+assert pvalue > 1e-3, "the first emitted token does not follow p"
+### BEGIN HIDDEN TESTS
+counts = torch.bincount(first_tokens, minlength=6).double()
+assert chisquare(counts.numpy(), (p.double() / p.double().sum() * N).numpy()).pvalue > 1e-3
+assert abs(acceptance - 0.12) < 0.012
+assert abs(float(spec.expected_acceptance_rate(p, q)) - 0.12) < 1e-6
+### END HIDDEN TESTS
+""", "sampler_chi2_test", points=3)
+nb.code("""
+emp = torch.bincount(first_tokens, minlength=6).double() / N
+naive = q  # what you would get by trusting the draft
+x = torch.arange(6)
+fig, ax = plt.subplots(figsize=(7, 3.6))
+ax.bar(x - 0.27, p, 0.27, label="target p")
+ax.bar(x, emp, 0.27, label="emitted (speculative)")
+ax.bar(x + 0.27, naive, 0.27, label="draft q", alpha=0.6)
+ax.set_xlabel("token"); ax.set_ylabel("probability"); ax.legend()
+ax.set_title(f"First emitted token over {N:,} steps (chi-square p = {pvalue:.2f})")
+fig.tight_layout(); fig.savefig(OUT / "sampler_vs_target.png", dpi=120); plt.show()
+""")
+
+nb.md("""
+## 3. How much does it buy? Tokens per pass and speedup against k
+
+If every draft is accepted independently with probability `a`, one target pass yields
+`(1 - a^(k+1)) / (1 - a)` tokens in expectation, and with a draft that costs `c` target
+passes per token the wall-time speedup is `(1 - a^(k+1)) / ((1 - a)(k c + 1))` (Leviathan
+et al.). Their worked values at c = 0.05, k = 4: 1.92x (a = 0.6), 2.80x (0.8), 3.41x (0.9).
+More drafts help while they are likely to be accepted, then only cost: there is a best `k`.
+""")
+nb.solution("""
+# best_k: the k in 1..12 with the largest expected speedup for a = 0.8, c = 0.05
+### BEGIN SOLUTION
+best_k = max(range(1, 13), key=lambda k: spec.expected_speedup(0.8, k, 0.05))
+### END SOLUTION
+print(best_k, round(spec.expected_speedup(0.8, best_k, 0.05), 3))
+""", "best_k")
+nb.tests("""
+assert 1 <= best_k <= 12
+assert round(spec.expected_speedup(0.8, 4, 0.05), 3) == 2.801
+### BEGIN HIDDEN TESTS
+assert best_k == 8
+assert round(spec.expected_tokens_per_step(0.8, 4), 3) == 3.362
+### END HIDDEN TESTS
+""", "best_k_test", points=2)
+nb.code("""
+ks = range(1, 13)
+fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+for a in (0.5, 0.6, 0.8, 0.9):
+    left.plot(ks, [spec.expected_tokens_per_step(a, k) for k in ks], "o-", ms=3, label=f"a = {a}")
+    for c, ls in ((0.05, "-"), (0.3, "--")):
+        right.plot(ks, [spec.expected_speedup(a, k, c) for k in ks], ls, color=left.lines[-1].get_color(),
+                   label=f"a = {a}, c = {c}")
+left.set_xlabel("k (drafts per pass)"); left.set_ylabel("expected tokens per target pass"); left.legend()
+right.axhline(1, color="k", lw=0.8); right.set_xlabel("k"); right.set_ylabel("expected speedup"); right.legend(fontsize=7)
+left.set_title("Leviathan et al.: (1 - a^(k+1)) / (1 - a)"); right.set_title("speedup; dashed: a draft costing c = 0.3")
+fig.tight_layout(); fig.savefig(OUT / "theory_vs_k.png", dpi=120); plt.show()
+""")
+
+nb.md("""
+## 4. Prompt lookup on the real model
+
+The n-gram proposer needs no model: when the answer copies from the prompt (editing,
+quoting, summarising a given text, code changes) its guesses are often right, and
+proposing costs microseconds (c = 0). Here SmolLM2-135M-Instruct (transformers, fp32) edits
+a short notice. `cached_logits_fn` keeps the target's KV cache between passes and crops
+it back to the accepted prefix after each verification: the rollback of rejected draft
+slots that the paged engine does by freeing blocks.
+""")
+nb.code("""
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from servinglab.model_prep import prepare_model
+from servinglab.draft_model import build_draft_model, cached_logits_fn
+folder = prepare_model()
+tok = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+def chat(text):
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+NOTICE = ("The reading room on the second floor opens at nine in the morning and closes at six in the evening. "
+          "Members may borrow up to five books at a time for three weeks. Members must return books to the front desk, "
+          "not to the shelves. Food and drinks are not allowed in the reading room, but members may drink water.")
+grounded = chat("Rewrite this notice, replacing the word 'Members' with 'Visitors':\\n\\n" + NOTICE)
+open_ended = chat("Write a short story about a robot who learns to paint.")
+MAX_TOKENS, GREEDY = 64, SamplingParams(temperature=0.0)
+
+def plain_greedy(prompt):
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False)  # stops at EOS
+    return out[0, len(prompt):].tolist()
+
+t0 = time.perf_counter(); reference = plain_greedy(grounded); t_plain = time.perf_counter() - t0
+print(tok.decode(reference))
+""")
+nb.solution("""
+# Run your generate_with_speculation on `grounded` with a fresh cached_logits_fn(model) as the
+# target, NgramProposer(prompt_lookup_min=1, prompt_lookup_max=3, num_speculative_tokens=4),
+# max_tokens=MAX_TOKENS, GREEDY and eos_token_id=tok.eos_token_id; store the SpeculativeOutput as `ngram_run`.
+t0 = time.perf_counter()
+### BEGIN SOLUTION
+ngram_run = spec.SpeculativeDecoding().generate_with_speculation(
+    cached_logits_fn(model), spec.NgramProposer(1, 3, 4), grounded, max_tokens=MAX_TOKENS, params=GREEDY, k=4,
+    eos_token_id=tok.eos_token_id)
+### END SOLUTION
+t_spec = time.perf_counter() - t0
+print(f"acceptance {ngram_run.acceptance_rate:.2f}, {ngram_run.mean_tokens_per_step:.2f} tokens per target pass "
+      f"({ngram_run.num_steps} passes for {len(ngram_run.token_ids)} tokens); "
+      f"wall time {t_spec:.1f} s vs {t_plain:.1f} s plain (one run, this machine)")
+""", "ngram_run")
+nb.tests("""
+assert 0 < len(ngram_run.token_ids) <= MAX_TOKENS
+assert ngram_run.token_ids == reference, "greedy speculative decoding must reproduce the target's greedy tokens"
+### BEGIN HIDDEN TESTS
+assert ngram_run.num_steps < len(reference) / 2, "prompt lookup should emit more than 2 tokens per pass on this edit"
+assert ngram_run.num_accepted_tokens <= ngram_run.num_draft_tokens
+### END HIDDEN TESTS
+""", "ngram_run_test", points=3)
+nb.code("""
+story = spec.SpeculativeDecoding().generate_with_speculation(
+    cached_logits_fn(model), spec.NgramProposer(1, 3, 4), open_ended, max_tokens=MAX_TOKENS, params=GREEDY, k=4,
+    eos_token_id=tok.eos_token_id)
+print(f"open-ended prompt: acceptance {story.acceptance_rate:.2f}, {story.mean_tokens_per_step:.2f} tokens per pass")
+ks = range(1, 9)
+fig, ax = plt.subplots(figsize=(7, 4))
+for name, run in (("edit (input-grounded)", ngram_run), ("open-ended story", story)):
+    a = min(run.acceptance_rate, 0.999)
+    line, = ax.plot(ks, [spec.expected_tokens_per_step(a, k) for k in ks], "-", label=f"{name}: theory at a = {a:.2f}")
+    ax.plot([4], [run.mean_tokens_per_step], "*", ms=14, color=line.get_color(), label=f"{name}: measured, k = 4")
+ax.set_xlabel("k"); ax.set_ylabel("tokens per target pass"); ax.legend(fontsize=8)
+ax.set_title("Prompt lookup on SmolLM2-135M-Instruct (greedy)")
+fig.tight_layout(); fig.savefig(OUT / "ngram_measured.png", dpi=120); plt.show()
+""")
+nb.md("""
+The measured star sits off the curve: acceptances are not independent (a copied span is
+accepted token after token, then the copy ends), and the proposer sometimes has nothing
+to propose, which Leviathan's i.i.d. model ignores.
+
+## 5. And a draft model?
+
+SmolLM2-135M has no smaller sibling with its tokenizer, so the cheapest draft is the
+target's own first L layers with its final norm and LM head (`build_draft_model`, an
+early exit as in LayerSkip and Draft & Verify). `scripts/draft_model_study.py` measures it:
+on open-ended chat its greedy guesses match the target only 6-7% of the time for
+L <= 8 (11-12% at L = 12; a trained affine "tuned lens" on the exit reaches 12-20%), while one
+draft step costs about 0.2-0.5 of a target step, because the 49,152-token LM head and the
+per-layer overhead do not shrink with L. No k gives a speedup (Leviathan predicts under
+1x); for this model the n-gram proposer is the one worth serving. The cell below checks
+the early exit's match rate along the reference continuation in one target pass.
+""")
+nb.code("""
+draft = build_draft_model(model, 8)
+with torch.inference_mode():
+    ids = torch.tensor([grounded + reference])
+    draft_guess = draft(ids).logits[0, len(grounded) - 1 : -1].argmax(-1)
+match = (draft_guess == torch.tensor(reference)).double().mean().item()
+print(f"early exit at layer 8 of 30: greedy match rate {match:.2f} on the edit, vs prompt lookup {ngram_run.acceptance_rate:.2f}")
+""")
+nb.md("""
+## Summary
+
+- Rejection sampling keeps the target's distribution exactly; greedy reduces to "accept
+  while the draft equals the argmax".
+- The gain is `(1 - a^(k+1)) / ((1 - a)(k c + 1))`: it needs a high acceptance `a` and a cheap
+  draft `c`, and it fades at high load (the pass is no longer memory-bound).
+- In a paged engine the target verifies the k drafts of every running request in one
+  step, writes their K/V into cache slots, and the rejected slots are rolled back
+  (Part 2's `trim_blocks`).
+""")
+
+print("wrote", nb.save())
