@@ -41,6 +41,21 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_memory(args: argparse.Namespace) -> int:
+    from servinglab.bench_memory import memory_table, run_memory
+
+    print(memory_table(run_memory(args.num_requests, args.max_model_len, args.pool_slots, args.block_size, args.seed)))
+    return 0
+
+
+def _bench_prefix(args: argparse.Namespace) -> int:
+    from servinglab.bench_memory import prefix_table, run_prefix
+    from servinglab.model_prep import require_model
+
+    print(prefix_table(run_prefix(str(args.model or require_model()), args.num_requests, args.max_tokens, args.dtype)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="servinglab", description="LLM serving lab: runtime, grading and benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-batch", type=int, default=16, help="transformers static batch size")
     p.add_argument("--out", type=Path, default=Path("bench_results"))
     p.set_defaults(fn=_bench_throughput)
+
+    p = bench.add_parser("memory", help="KV slots holding real tokens: paged vs contiguous pre-allocation (no model)")
+    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--pool-slots", type=int, default=32768, help="KV slots (tokens) both allocators get")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_bench_memory)
+
+    p = bench.add_parser("prefix", help="shared few-shot prefix: TTFT and throughput with and without the prefix cache")
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.set_defaults(fn=_bench_prefix)
     return parser
 
 
