@@ -71,6 +71,8 @@ class LLMEngine:
                 tokenizer = AutoTokenizer.from_pretrained(config.model)
         elif hf_config is None:
             raise ValueError("hf_config is required when a model object is passed")
+        else:
+            model = model.to(device=self.device)  # a ready model may come from the CPU
         self.model, self.hf_config, self.tokenizer = model, hf_config, tokenizer
         limit = getattr(hf_config, "max_position_embeddings", 2048)
         self.max_model_len = config.max_model_len or min(limit, 2048)
@@ -97,6 +99,11 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device)
+        self.spec_decoder = None  # speculative decoding (servinglab.spec_decode), when configured
+        if config.speculative_config is not None:
+            from servinglab.spec_decode import SpeculativeDecoder
+
+            self.spec_decoder = SpeculativeDecoder(config.speculative_config, self)
         self.requests: dict[str, _Request] = {}
         self._seq_to_request: dict[int, _Request] = {}
         self._ids = itertools.count()
@@ -172,6 +179,8 @@ class LLMEngine:
     # ---------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return outputs of requests that progressed (finished ones last time)."""
+        if self.spec_decoder is not None:  # draft, verify in one pass, roll back: spec_decode.py
+            return self.spec_decoder.step(self)
         start = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:

@@ -228,3 +228,26 @@ def test_write_then_attend_like_the_model(paged_attention):
         case = Case(queries[pos], k_cache, v_cache, meta, [keys[:ctx]], [values[:ctx]], [(ctx, n)], head_dim**-0.5)
         check(paged_attention, case)
         done = ctx
+
+
+def _to_device(case: Case, device: str) -> Case:
+    m = case.metadata
+    meta = AttentionMetadata(
+        m.slot_mapping.to(device), m.block_tables.to(device), m.context_lens.to(device), m.query_start_loc.to(device),
+        m.max_query_len, m.max_context_len, m.context_lens_list, m.query_lens_list,
+    )
+    return Case(case.query.to(device), case.k_cache.to(device), case.v_cache.to(device), meta, case.keys, case.values, case.specs, case.scale)
+
+
+@pytest.mark.part(3)
+@pytest.mark.points(2)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU-only check)")
+def test_mixed_batch_on_cuda(paged_attention):
+    """The same paged attention on a CUDA device: mixed prefill/decode batch, GQA, bf16 and fp32."""
+    for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        cpu_case = make_case([(37, 37), (20, 1), (50, 9), (9, 1)], 6, 2, block_size=16, dtype=dtype)
+        case = _to_device(cpu_case, "cuda")
+        out = paged_attention.paged_attention(case.query, case.k_cache, case.v_cache, case.metadata, case.scale)
+        assert out.device.type == "cuda", "the output must stay on the input's device"
+        torch.testing.assert_close(out.double().cpu(), dense_attention(cpu_case), atol=atol, rtol=1e-2)

@@ -47,7 +47,9 @@ def make_llm(tiny, **kwargs) -> LLM:
     config, model, _, _ = tiny
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("block_size", 4)
-    return LLM(model_obj=model, hf_config=config, **kwargs)
+    # A fresh model with the same seed (same weights): the engine moves its model to its
+    # device (cuda on a GPU runner), and the fixture's copy must stay on the CPU for the oracle.
+    return LLM(model_obj=random_model(config, dtype=torch.float32, seed=0), hf_config=config, **kwargs)
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
