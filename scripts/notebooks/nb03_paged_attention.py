@@ -138,6 +138,12 @@ m = build_metadata(**TINY)
 assert m.slot_mapping.tolist() == [28, 29, 30, 31, 8, 9, 32, 20, 21, 22]
 assert m.query_start_loc.tolist() == [0, 6, 7, 10]
 assert m.block_tables.tolist() == [[7, 2, 0], [4, 0, 8], [1, 5, 0]]
+# Your write_to_kv_cache with this slot_mapping: row t carries the value t.
+rows = torch.arange(10.0).view(10, 1, 1)
+kc, vc = torch.full((10, 4, 1, 1), -1.0), torch.full((10, 4, 1, 1), -1.0)
+pa.write_to_kv_cache(rows, rows, kc, vc, m.slot_mapping)
+assert kc[7, 0].item() == 0 and kc[2, 1].item() == 5 and kc[8, 0].item() == 6 and vc[5, 2].item() == 9
+assert int((kc >= 0).sum()) == 10
 ### BEGIN HIDDEN TESTS
 assert m.slot_mapping.dtype == torch.int64 and m.block_tables.dtype == torch.int32
 assert m.context_lens.tolist() == [6, 9, 7] and (m.max_query_len, m.max_context_len) == (6, 9)
@@ -196,7 +202,9 @@ def draw_batch(ax, meta, block_size, num_blocks):
 fig, ax = plt.subplots(figsize=(10, 6.5))
 draw_batch(ax, tiny, TINY["block_size"], num_blocks=10)
 ax.set_title("A flattened batch: new query rows (left) and where their K/V are written (slot_mapping)")
-fig.tight_layout()
+fig.text(0.5, 0.01, "pale slot: cached before this step   |   bold slot: written this step   |   arrow: slot_mapping[row]",
+         ha="center", fontsize=9)
+fig.tight_layout(rect=(0, 0.03, 1, 1))
 fig.savefig(OUT / "tiny_batch.png", dpi=120)
 plt.show()
 """)
