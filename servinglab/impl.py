@@ -19,6 +19,7 @@ PARTS: dict[int, str] = {
     3: "paged_attention",
     4: "scheduler",
     5: "speculative",
+    6: "serving",
 }
 ENV_VAR = "SERVINGLAB_IMPL"
 

@@ -1,0 +1,314 @@
+# Exercise stub generated from solutions/serving.py by scripts/make_exercises.py.
+# Fill in every `raise NotImplementedError` below; keep the signatures.
+"""Part 6: a serving engine with one face over two backends, and how to measure it.
+
+``vLLMServingEngine`` (the seed guide's class) runs either the lab engine (your Parts 2-4
+behind :class:`~servinglab.async_engine.SimpleContinuousBatching`) or the real vLLM
+(``AsyncLLM``, its asynchronous engine) behind the same four methods:
+``initialize_engine``, ``create_sampling_params``, ``generate_async`` (an async generator
+of :class:`StreamEvent`, one per new piece of output) and ``benchmark_performance``.
+
+The latency numbers a serving system is judged by come from per-token timestamps
+(the definitions of vLLM's ``benchmark_serving``). For a request sent at ``s`` whose
+``n`` output tokens arrive at ``t_1 <= ... <= t_n``:
+
+- TTFT (time to first token) = ``t_1 - s``: queueing plus prefill;
+- TPOT (time per output token) = ``(t_n - t_1) / (n - 1)``, defined for ``n >= 2``: the
+  decode rate this request saw (one value per request);
+- ITL (inter-token latency) = every gap ``t_{i+1} - t_i`` (one value per gap, pooled
+  over all requests): it shows the stalls a mean hides;
+- E2E latency = ``t_n - s``;
+- output throughput = all output tokens / (last token of any request - first send).
+
+Percentiles use linear interpolation between order statistics (numpy's default): for
+sorted values ``x_0..x_{m-1}``, ``p``-th percentile at rank ``h = (m - 1) p / 100`` is
+``x_floor(h) + (h - floor(h)) (x_ceil(h) - x_floor(h))``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+BACKENDS = ("lab", "vllm")
+STATS = ("ttft", "tpot", "itl", "e2e")
+PERCENTILES = (50, 90, 99)
+
+
+class StreamEvent(NamedTuple):
+    """One piece of streamed output, as ``generate_async`` yields it."""
+
+    index: int  # which prompt (position in the list given to generate_async)
+    text: str  # text new since this prompt's previous event ("" for a model without tokenizer)
+    token_ids: list[int]  # token ids new since this prompt's previous event
+    timestamp: float  # time.perf_counter() when generate_async received it
+    finish_reason: str | None  # "stop" or "length" on the prompt's last event, else None
+
+
+@dataclass
+class RequestTimestamps:
+    """When one request was sent and when each of its output tokens arrived (perf_counter s)."""
+
+    start: float
+    token_times: list[float] = field(default_factory=list)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0 <= q <= 100) with linear interpolation (see the module docstring).
+
+    Raises:
+        ValueError: ``values`` is empty, or ``q`` is outside [0, 100].
+    """
+    # Hint: sort a copy; rank h = (len - 1) * q / 100; interpolate between floor(h) and ceil(h).
+    raise NotImplementedError("percentile: your code here")
+
+
+def compute_latency_stats(request_timestamps: Sequence[RequestTimestamps]) -> dict[str, float]:
+    """Latency and throughput of a set of requests from their per-token timestamps.
+
+    Args:
+        request_timestamps: one :class:`RequestTimestamps` per request (a ``(start,
+            token_times)`` tuple works too); a token that arrived with another repeats its time.
+
+    Returns:
+        ``num_requests``, ``total_output_tokens``, ``duration_s``, ``avg_throughput_tps``
+        (output tokens/s), ``request_throughput`` (requests/s), and for each of ``ttft``,
+        ``tpot``, ``itl``, ``e2e`` the keys ``avg_<name>_ms``, ``p50_<name>_ms``,
+        ``p90_<name>_ms``, ``p99_<name>_ms`` in milliseconds (``nan`` when no request has
+        that quantity, e.g. TPOT when every request made one token).
+
+    Raises:
+        ValueError: naming ``request_timestamps``, when it is empty, a request has no token
+        times, its times decrease or come before its start, or the duration is zero.
+    """
+    # Hints: collect seconds per metric in lists (TTFT, TPOT, E2E: one per request; ITL: every
+    # gap), then mean and percentile() of each, times 1000. duration = latest token - earliest start.
+    raise NotImplementedError("compute_latency_stats: your code here")
+
+
+def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine to completion from synchronous code, also inside Jupyter (whose thread
+    already runs an event loop, where ``asyncio.run`` is refused): then a worker thread runs it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+class EngineThread:
+    """An event loop in a daemon thread that owns the engine; callers on any loop stream from it.
+
+    Why: ``SimpleContinuousBatching``'s queues and vLLM's ``AsyncLLM`` output task belong to
+    the event loop that first used them, while Jupyter, ``asyncio.run`` and :func:`run_sync`
+    each bring their own loop. Keeping the engine on one private loop lets every caller use it.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="serving-engine-loop", daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on the engine loop and wait for its result (from synchronous code)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def stream(self, make: Callable[[], AsyncIterator[Any]]) -> AsyncIterator[Any]:
+        """Iterate ``make()`` on the engine loop, yielding its items on the caller's loop.
+
+        Closing this early cancels the iteration there and waits until its clean-up (the
+        abort) has run, so the caller sees the blocks freed when ``aclose`` returns.
+        """
+        caller, inbox, end = asyncio.get_running_loop(), asyncio.Queue(), object()
+        closed = caller.create_future()
+        state: dict[str, Any] = {"task": None, "stop": False}  # touched on the engine loop only
+
+        def send(item: Any) -> None:
+            caller.call_soon_threadsafe(inbox.put_nowait, item)
+
+        async def drive() -> None:
+            state["task"] = asyncio.current_task()
+            try:
+                if not state["stop"]:
+                    async for item in make():
+                        send(item)
+                    send(end)
+            except Exception as exc:
+                send(exc)
+            finally:
+                caller.call_soon_threadsafe(lambda: closed.done() or closed.set_result(None))
+
+        def cancel() -> None:
+            state["stop"] = True
+            if state["task"] is not None:
+                state["task"].cancel()
+
+        asyncio.run_coroutine_threadsafe(drive(), self.loop)
+        try:
+            while (item := await inbox.get()) is not end:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self.loop.call_soon_threadsafe(cancel)  # a no-op when drive() already ended
+            await closed
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+class vLLMServingEngine:  # noqa: N801 (the seed guide's name)
+    """One serving API over the lab engine (``backend="lab"``) or the real vLLM (``"vllm"``).
+
+    Args:
+        model: a Hugging Face model folder (``servinglab.model_prep.default_model_dir()``).
+        config: engine settings. Lab: :class:`~servinglab.config.EngineConfig` fields, plus
+            ``model_obj`` / ``hf_config`` / ``tokenizer`` to serve a ready model (then ``model``
+            may be None). vLLM: ``vllm.AsyncEngineArgs`` fields (dtype, max_model_len, ...).
+        backend: ``"lab"`` or ``"vllm"``.
+
+    Example::
+
+        eng = vLLMServingEngine(str(default_model_dir()), {"max_num_seqs": 32})
+        eng.initialize_engine()
+        params = eng.create_sampling_params(temperature=0.0, max_tokens=16)
+        print(eng.benchmark_performance(["Hello", "The sky is"], num_runs=2, sampling_params=params))
+    """
+
+    def __init__(self, model: str | None, config: dict[str, Any] | None = None, backend: str = "lab") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.model, self.config, self.backend = model, dict(config or {}), backend
+        self.engine: Any = None  # LLMEngine (lab) or vllm's AsyncLLM
+        self.front: Any = None  # SimpleContinuousBatching over the lab engine
+        self.runner: EngineThread | None = None
+        self._ids = itertools.count()
+
+    def initialize_engine(self) -> None:
+        """Build the backend engine and its event-loop thread (idempotent).
+
+        vLLM's ``AsyncLLM`` always runs its engine core in a child process: it refuses to run
+        in-process under asyncio (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` does not change that),
+        so a script using the vllm backend needs an ``if __name__ == "__main__":`` guard.
+        """
+        if self.engine is not None:
+            return
+        if self.backend == "lab":
+            from servinglab.async_engine import SimpleContinuousBatching
+            from servinglab.config import EngineConfig
+            from servinglab.engine import LLMEngine
+
+            cfg = dict(self.config)
+            ready = {k: cfg.pop(k) for k in ("model_obj", "hf_config", "tokenizer") if k in cfg}
+            self.engine = LLMEngine(EngineConfig(model=self.model, **cfg), model=ready.pop("model_obj", None), **ready)
+            self.front = SimpleContinuousBatching(self.engine)
+        else:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            defaults = {"dtype": "bfloat16", "max_model_len": 1024, "gpu_memory_utilization": 0.3, "enforce_eager": True, "disable_log_stats": True}
+            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=self.model, **{**defaults, **self.config}))
+        self.runner = EngineThread()
+
+    def shutdown(self) -> None:
+        """Stop the engine (vLLM: its engine-core process) and its thread."""
+        if self.runner is not None:
+            if self.front is not None:
+                self.runner.call(self.front.aclose())
+            self.runner.stop()
+        if self.backend == "vllm" and self.engine is not None:
+            self.engine.shutdown()
+        self.engine = self.front = self.runner = None
+
+    def create_sampling_params(self, temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 16, **kwargs: Any) -> Any:
+        """The backend's ``SamplingParams`` (``servinglab.sampling`` or ``vllm``), same names and meanings.
+
+        ``kwargs`` go through unchanged (``seed``, ``top_k``, ``stop``, ``ignore_eos``, ...).
+        For vLLM set ``output_kind=RequestOutputKind.DELTA`` so each output carries only new tokens.
+
+        Raises:
+            ValueError: naming the field: ``temperature`` < 0 (or NaN), ``top_p`` outside (0, 1],
+            ``max_tokens`` not an integer >= 1 (a bool is not an integer here).
+        """
+        raise NotImplementedError("create_sampling_params: your code here")
+
+    async def request_stream(self, prompt: str | list[int], params: Any) -> AsyncIterator[tuple[str, list[int], str | None]]:
+        """One request on the backend, as deltas ``(new text, new token ids, finish_reason)``.
+
+        Closing it early (or cancelling the task iterating it) aborts the request.
+        """
+        if self.runner is None:
+            raise RuntimeError("call initialize_engine() first")
+        request_id = f"req-{id(self):x}-{next(self._ids)}"
+        async for delta in self.runner.stream(lambda: self._deltas(prompt, params, request_id)):
+            yield delta
+
+    async def _deltas(self, prompt: str | list[int], params: Any, request_id: str) -> AsyncIterator[tuple[str, list[int], str | None]]:
+        """Runs on the engine loop: the backend's outputs turned into deltas of completion 0."""
+        if self.backend == "vllm":  # DELTA output kind: every output holds only what is new
+            vllm_prompt = {"prompt_token_ids": list(prompt)} if isinstance(prompt, list) else prompt
+            async for out in self.engine.generate(vllm_prompt, params, request_id):
+                c = out.outputs[0]
+                yield c.text, list(c.token_ids), c.finish_reason
+            return
+        stream = await self.front.add_request(prompt, params, request_id)
+        text, num_tokens = "", 0
+        try:
+            async for out in stream:  # lab snapshots are cumulative: cut the new part off
+                c = out.outputs[0]
+                yield c.text[len(text):], list(c.token_ids[num_tokens:]), c.finish_reason
+                text, num_tokens = c.text, len(c.token_ids)
+        finally:
+            await stream.aclose()  # aborts the request if it has not finished
+
+    async def generate_async(self, prompts: str | list[int] | Sequence[str | list[int]], sampling_params: Any) -> AsyncIterator[StreamEvent]:
+        """Submit every prompt at once (so they batch) and yield :class:`StreamEvent` s as output arrives.
+
+        Args:
+            prompts: a prompt (text or token ids) or a list of them.
+            sampling_params: one params object for all prompts, or a list with one per prompt.
+
+        Yields:
+            Events in arrival order; per prompt, in generation order, its last one carrying
+            ``finish_reason``. Closing the generator early aborts every unfinished request.
+
+        Raises:
+            ValueError: naming ``sampling_params`` when a list does not match the prompts.
+        """
+        # Hints: one asyncio task per prompt iterates self.request_stream(prompt, params) and puts
+        # (index, delta) on one asyncio.Queue, then an end marker; stamp time.perf_counter() when you
+        # take an item off the queue. In `finally`, cancel the tasks and await them (that aborts).
+        raise NotImplementedError("generate_async: your code here")
+        return
+        yield  # never reached: it makes this an async generator, in the exercise stub too
+
+    def benchmark_performance(self, prompts: Sequence[str | list[int]], num_runs: int = 3, sampling_params: Any = None,
+                              warmup: bool = True) -> dict[str, float]:
+        """Send all ``prompts`` at once, ``num_runs`` times, and measure from per-token timestamps.
+
+        Args:
+            prompts: the workload (text or token ids).
+            num_runs: how many times to send it (>= 1).
+            sampling_params: default: greedy, 32 tokens.
+            warmup: first send one prompt, unmeasured (first steps pay one-off costs).
+
+        Returns:
+            :func:`compute_latency_stats` over the requests of every run (latencies pooled), with
+            ``avg_throughput_tps`` and ``request_throughput`` replaced by their mean over runs,
+            and ``num_runs``.
+
+        Raises:
+            ValueError: naming ``prompts`` (empty) or ``num_runs`` (< 1).
+        """
+        # Hint: inside ONE coroutine run by run_sync(): per run, note the start time, then add one
+        # timestamp per token id of every event (RequestTimestamps per prompt).
+        raise NotImplementedError("benchmark_performance: your code here")
