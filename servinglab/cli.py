@@ -56,6 +56,27 @@ def _bench_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from servinglab.server import serve
+
+    return serve(args)
+
+
+def _bench_spec(args: argparse.Namespace) -> int:
+    from servinglab.bench_spec import run_spec
+    from servinglab.model_prep import require_model
+
+    run_spec(str(args.model or require_model()), args.dtypes, args.out, k=args.k, draft_k=args.draft_k, draft_layers=args.draft_layers,
+             max_tokens=args.max_tokens, open_max_tokens=args.open_max_tokens, repeats=args.repeats, with_vllm=not args.no_vllm)
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from servinglab.bench_serve import main_from_args
+
+    return main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="servinglab", description="LLM serving lab: runtime, grading and benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect", choices=["full", "zero"], default=None, help="exit 1 unless every test passes (full) or none does (zero)")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(fn=_grade)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the lab engine (like `vllm serve`)")
+    from servinglab.server import add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(fn=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks that compare systems side by side").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("throughput", help="offline throughput: lab engine vs vLLM vs transformers static batching")
@@ -103,6 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.set_defaults(fn=_bench_prefix)
+
+    p = bench.add_parser("spec", help="speculative decoding: plain vs n-gram and early-exit draft, vs Leviathan's prediction")
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"], help="the first gets every row, later ones the headline row")
+    p.add_argument("--k", type=int, default=6, help="n-gram drafts per step")
+    p.add_argument("--draft-k", type=int, default=2, help="early-exit drafts per step")
+    p.add_argument("--draft-layers", type=int, default=8, help="layers of the early-exit draft")
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per input-grounded prompt")
+    p.add_argument("--open-max-tokens", type=int, default=64, help="output tokens per open-ended prompt")
+    p.add_argument("--repeats", type=int, default=2, help="alternating plain/speculative runs per row (best time kept)")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows")
+    p.add_argument("--out", type=Path, default=Path("bench_results"))
+    p.set_defaults(fn=_bench_spec)
+
+    p = bench.add_parser("serve", help="online serving benchmark against OpenAI-compatible servers (like vLLM's benchmark_serving)")
+    from servinglab.bench_serve import add_bench_serve_arguments
+
+    add_bench_serve_arguments(p)
+    p.set_defaults(fn=_bench_serve)
     return parser
 
 

@@ -6,11 +6,17 @@ them into one batch of ``T`` tokens, computes where each token's K/V goes (the s
 mapping, through the sequence's block table from Part 2), runs the model once, and
 returns logits only for the sequences whose step reaches their last token, i.e. those
 that sample a token now. A chunk in the middle of a chunked prefill samples nothing.
+
+Speculative decoding (:mod:`servinglab.spec_decode`) appends ``d`` draft tokens to a
+decoding sequence before scheduling, so the step computes ``1 + d`` tokens for it; the
+runner then returns one logits row per position from the last real token on, so the
+target's distributions at every draft position come out of the same forward pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,8 +34,10 @@ class PreparedBatch:
         input_ids: ``[T]`` int64 token ids of every scheduled token, sequence after sequence.
         positions: ``[T]`` int64 position of each token in its sequence.
         metadata: what Part 3 needs (slot mapping, block tables, lengths).
-        logits_indices: ``[S]`` int64 rows of the batch whose logits are sampled.
+        logits_indices: int64 rows of the batch whose logits are computed, sequence after sequence.
         sample_seqs: the ``S`` sequences those rows belong to, in the same order.
+        num_logits: logits rows per sample sequence (1, or ``1 + drafts verified`` with
+            speculation); empty means one row each.
     """
 
     input_ids: torch.Tensor
@@ -37,6 +45,7 @@ class PreparedBatch:
     metadata: AttentionMetadata
     logits_indices: torch.Tensor
     sample_seqs: list[Sequence]
+    num_logits: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -65,7 +74,9 @@ class ModelRunner:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
-    def prepare_inputs(self, out: SchedulerOutput, block_tables: dict[int, list[int]]) -> PreparedBatch:
+    def prepare_inputs(
+        self, out: SchedulerOutput, block_tables: dict[int, list[int]], num_draft_tokens: Mapping[int, int] | None = None
+    ) -> PreparedBatch:
         """Flatten ``out.scheduled`` into model inputs.
 
         Args:
@@ -73,6 +84,10 @@ class ModelRunner:
                 ``seq.token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]``.
             block_tables: ``seq_id -> block ids`` (Part 2's tables), covering at least the
                 positions written this step.
+            num_draft_tokens: ``seq_id -> d`` for sequences whose last ``d`` tokens are
+                speculative drafts. Such a sequence samples once the step reaches its last
+                *real* token, and gets a logits row for that token and for every draft the
+                step computed (``end - real_len + 1`` rows). ``None``: no speculation.
 
         Returns:
             The :class:`PreparedBatch`; ``context_lens = num_computed_tokens + num_new_tokens``.
@@ -86,6 +101,7 @@ class ModelRunner:
         tables: list[list[int]] = []
         logits_rows: list[int] = []
         sample_seqs: list[Sequence] = []
+        num_logits: list[int] = []
         num_rows = 0
         for item in out.scheduled:
             seq, n = item.seq, item.num_new_tokens
@@ -110,9 +126,17 @@ class ModelRunner:
             ctx_lens.append(end)
             tables.append(table[:needed])
             num_rows += n
-            if end == seq.num_tokens:  # the step reaches the last token: sample the next one
-                logits_rows.append(num_rows - 1)
-                sample_seqs.append(seq)
+            if num_draft_tokens is None:
+                if end == seq.num_tokens:  # the step reaches the last token: sample the next one
+                    logits_rows.append(num_rows - 1)
+                    sample_seqs.append(seq)
+            else:
+                real_end = seq.num_tokens - num_draft_tokens.get(seq.seq_id, 0)
+                if end >= real_end:  # rows for the last real token and each computed draft
+                    rows = end - real_end + 1
+                    logits_rows.extend(range(num_rows - rows, num_rows))
+                    sample_seqs.append(seq)
+                    num_logits.append(rows)
 
         num_seqs = len(q_lens)
         q_lens_np = np.asarray(q_lens, dtype=np.int64)
@@ -146,6 +170,7 @@ class ModelRunner:
             metadata=metadata,
             logits_indices=self._tensor(np.asarray(logits_rows, dtype=np.int64)),
             sample_seqs=sample_seqs,
+            num_logits=num_logits,
         )
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -175,3 +200,20 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_caches)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
         return batch.sample_seqs, logits
+
+    def execute_speculative(
+        self, out: SchedulerOutput, block_tables: dict[int, list[int]], num_draft_tokens: Mapping[int, int]
+    ) -> tuple[list[Sequence], torch.Tensor, list[int]]:
+        """Like :meth:`execute`, with several logits rows per speculating sequence.
+
+        Returns:
+            ``(sample_seqs, logits, num_logits)``: ``logits`` stacks ``num_logits[i]`` float32
+            rows for ``sample_seqs[i]``, the target's next-token logits after its last real
+            token and after each of its first ``num_logits[i] - 1`` drafts.
+        """
+        self.copy_blocks(out.block_copies)
+        batch = self.prepare_inputs(out, block_tables, num_draft_tokens)
+        with torch.inference_mode():
+            hidden = self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_caches)
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+        return batch.sample_seqs, logits, batch.num_logits
