@@ -183,16 +183,15 @@ def test_draft_with_another_vocabulary_is_refused(tiny):
 @pytest.mark.slow
 @pytest.mark.skipif(not is_prepared(), reason="model not prepared: run `servinglab prepare-model`")
 def test_real_model_ngram_matches_plain_fp32():
-    """SmolLM2-135M-Instruct, fp32: an input-grounded edit, greedy, with and without prompt lookup."""
-    text = ("def area(width, height):\n    x = width * height\n    return x\n\n"
-            "def total(values):\n    x = 0\n    for v in values:\n        x += v\n    return x\n")
-    prompts = [f"Rewrite the following code with the variable x renamed to count:\n\n{text}",
-               f"Repeat this text exactly:\n\n{text}"]
+    """SmolLM2-135M-Instruct, fp32, chat template: input-grounded edits, greedy, with and without prompt lookup."""
+    from servinglab.bench_spec import GROUNDED, chat_prompts
+
     params = SamplingParams(temperature=0.0, max_tokens=48)
     plain = LLM(model=str(default_model_dir()), dtype="float32", max_model_len=512)
+    prompts = chat_prompts(plain.get_tokenizer(), [GROUNDED[0], GROUNDED[1], GROUNDED[3]])
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
     llm = LLM(model=str(default_model_dir()), dtype="float32", max_model_len=512, speculative_config=NGRAM)
-    outs, _ = generate_with_speculation(llm, prompts, params)
+    outs, per_request = generate_with_speculation(llm, prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == want
-    assert llm.engine.spec_decoder.stats.mean_tokens_per_step > 1.5
+    assert llm.engine.spec_decoder.stats.mean_tokens_per_step > 1.5, per_request
     assert_all_blocks_free(llm)
