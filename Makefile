@@ -24,6 +24,8 @@ INSTALLED := $(VENV)/.stamp-installed
 MODEL_DIR := .cache/models/SmolLM2-135M-Instruct
 MODEL     := $(MODEL_DIR)/servinglab-prepared.json
 NB_DIR    := notebooks/day51
+# Jupyter refuses to run as root unless told; containers often run as root.
+LAB_ROOT  := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -60,7 +62,7 @@ $(MODEL): $(INSTALLED)
 setup: $(INSTALLED) $(MODEL)
 
 lab: setup
-	cd $(NB_DIR) && ../../$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 $(LAB_ARGS)
+	cd $(NB_DIR) && ../../$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 $(LAB_ROOT) $(LAB_ARGS)
 
 doctor: setup
 	$(BIN)/servinglab doctor
