@@ -18,6 +18,7 @@ import torch
 from servinglab.cache import KVCacheSpec, allocate_kv_cache
 from servinglab.config import EngineConfig
 from servinglab.impl import load_part
+from servinglab.interfaces import SchedulerOutput
 from servinglab.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from servinglab.runner import ModelRunner
 from servinglab.sampling import SamplingParams, make_generator, sample
@@ -206,13 +207,17 @@ class LLMEngine:
                 self._fork_children(req, seq, logits[row : row + 1], now)
         self.num_steps += 1
         if self.record_steps:
-            stats = self.block_manager.get_stats()
-            self.step_log.append(StepRecord(
-                self.num_steps, start, time.perf_counter(),
-                [(s.seq.seq_id, s.num_new_tokens, p) for s, p in zip(out.scheduled, was_prefill)],
-                [s.seq_id for s in out.preempted], stats.usage, len(self.scheduler.waiting),
-            ))
+            self._log_step(start, out, was_prefill)
         return [self._output(req) for req in touched.values() if req.stream or req.finished]
+
+    def _log_step(self, start: float, out: SchedulerOutput, was_prefill: list[bool]) -> None:
+        """Append this step's :class:`StepRecord` to ``step_log``."""
+        stats = self.block_manager.get_stats()
+        self.step_log.append(StepRecord(
+            self.num_steps, start, time.perf_counter(),
+            [(s.seq.seq_id, s.num_new_tokens, p) for s, p in zip(out.scheduled, was_prefill)],
+            [s.seq_id for s in out.preempted], stats.usage, len(self.scheduler.waiting),
+        ))
 
     def _fork_children(self, req: _Request, parent: Sequence, logits_row: torch.Tensor, now: float) -> None:
         """Parallel sampling: the other n-1 completions share the prompt's blocks (copy-on-write)."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from servinglab.engine import StepRecord
+from servinglab.draft_model import cached_logits_fn
 from servinglab.impl import load_part
 from servinglab.sampling import SamplingParams, probabilities, sample
 from servinglab.sequence import Sequence, SequenceStatus
@@ -103,13 +103,11 @@ class SpecDecodeStats:
     num_accepted_tokens: int = 0
     num_steps: int = 0
     num_emitted_tokens: int = 0
-    drafts_per_pos: list[int] = field(default_factory=list)
-    accepted_per_pos: list[int] = field(default_factory=list)
+    drafts_per_pos: list[int] = field(init=False)  # verified drafts at position 1..k
+    accepted_per_pos: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        k = self.num_speculative_tokens
-        self.drafts_per_pos = self.drafts_per_pos or [0] * k
-        self.accepted_per_pos = self.accepted_per_pos or [0] * k
+        self.drafts_per_pos, self.accepted_per_pos = [0] * self.num_speculative_tokens, [0] * self.num_speculative_tokens
 
     def record(self, num_verified: int, num_accepted: int, num_emitted: int) -> None:
         """One target pass of one sequence that verified ``num_verified`` drafts."""
@@ -183,7 +181,7 @@ class SpeculativeDecoder:
                                  "rejection sampling compares the two distributions token by token")
             return draft.eval()
         from servinglab.draft_model import build_draft_model
-        from servinglab.weights import to_transformers
+        from servinglab.weights import to_transformers  # imported here: only the draft method needs it
 
         total = engine.hf_config.num_hidden_layers
         layers = cfg.draft_num_layers if cfg.draft_num_layers is not None else max(1, total // 4)
@@ -219,14 +217,11 @@ class SpeculativeDecoder:
             probs = None
             if self.config.method == "ngram":
                 tokens = list(self.ngram.propose(seq.token_ids))[:room]
-            else:
-                lm = self._draft_lms.get(seq.seq_id)
-                if lm is None:
-                    from servinglab.draft_model import cached_logits_fn
-
-                    lm = self._draft_lms[seq.seq_id] = self.spec.DraftModelProposer(cached_logits_fn(self.draft_model), self.k)
+            else:  # one draft KV cache per sequence, rolled back to the common prefix on each call
+                if seq.seq_id not in self._draft_lms:
+                    self._draft_lms[seq.seq_id] = self.spec.DraftModelProposer(cached_logits_fn(self.draft_model), self.k)
                 gen = engine._seq_to_request[seq.seq_id].generators.get(seq.seq_id)
-                tokens, probs = lm.propose_with_probs(seq.token_ids, p, gen, num_tokens=room)
+                tokens, probs = self._draft_lms[seq.seq_id].propose_with_probs(seq.token_ids, p, gen, num_tokens=room)
             if not tokens:
                 continue
             budget -= len(tokens)
@@ -326,12 +321,7 @@ class SpeculativeDecoder:
                 engine._fork_children(req, seq, logits[row_start[i] : row_start[i] + 1], now)
         engine.num_steps += 1
         if engine.record_steps:
-            stats = bm.get_stats()
-            engine.step_log.append(StepRecord(
-                engine.num_steps, start, time.perf_counter(),
-                [(s.seq.seq_id, s.num_new_tokens, p) for s, p in zip(out.scheduled, was_prefill)],
-                [s.seq_id for s in out.preempted], stats.usage, len(engine.scheduler.waiting),
-            ))
+            engine._log_step(start, out, was_prefill)
         return [engine._output(req) for req in touched.values() if req.stream or req.finished]
 
     def _record(self, request_id: str, verified: int, accepted: int, emitted: int) -> None:

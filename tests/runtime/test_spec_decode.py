@@ -121,11 +121,13 @@ def test_stop_inside_an_accepted_run(tiny):
     want = expected[5]
     stop_at = want[12]
     llm = make_llm(tiny, speculative_config=NGRAM)
+    llm.engine.record_steps = True
     outs = llm.generate([prompts[5]] * 2, [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[stop_at]),
                                             SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)], use_tqdm=False)
     stopped, short = outs[0].outputs[0], outs[1].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.token_ids == want[: want.index(stop_at) + 1]
     assert short.finish_reason == "length" and short.token_ids == want[:13]
+    assert any(n > 1 and not prefill for rec in llm.engine.step_log for _, n, prefill in rec.scheduled), "decode steps verify 1 + d tokens"
     assert_all_blocks_free(llm)
 
 
