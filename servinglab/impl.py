@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 IMPLS: tuple[str, ...] = ("exercises", "solutions")
@@ -51,3 +53,14 @@ def load_part(part: str, impl: str | None = None) -> ModuleType:
         raise ValueError(f"part must be one of {sorted(PARTS.values())}, got {part!r}")
     package = _check(impl) if impl is not None else current_impl()
     return importlib.import_module(f"{package}.{part}")
+
+
+@contextmanager
+def use_impl(name: str) -> Iterator[None]:
+    """Run a block with ``name``'s parts (tests of the runtime use the reference); restore after."""
+    previous = _override
+    set_impl(name)
+    try:
+        yield
+    finally:
+        set_impl(previous)

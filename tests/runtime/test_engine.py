@@ -23,19 +23,15 @@ MAX_TOKENS = 12
 
 @pytest.fixture(autouse=True)
 def reference_parts():
-    previous = impl._override
-    impl.set_impl("solutions")
-    yield
-    impl.set_impl(previous)
+    with impl.use_impl("solutions"):
+        yield
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    previous = impl._override
-    impl.set_impl("solutions")  # the model binds its attention part when it is built
     config = tiny_llama_config()
-    model = random_model(config, dtype=torch.float32, seed=0)
-    impl.set_impl(previous)
+    with impl.use_impl("solutions"):  # the model binds its attention part when it is built
+        model = random_model(config, dtype=torch.float32, seed=0)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, config.vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENS]
     hf = to_transformers(model)

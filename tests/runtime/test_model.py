@@ -26,10 +26,8 @@ NUM_BLOCKS = 64
 @pytest.fixture(autouse=True)
 def reference_attention():
     """Run the model on the reference Part 3 whatever ``--impl`` says; restore afterwards."""
-    previous = impl._override
-    impl.set_impl("solutions")
-    yield
-    impl.set_impl(previous)
+    with impl.use_impl("solutions"):
+        yield
 
 
 @pytest.fixture

@@ -34,10 +34,8 @@ NUM_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def reference_impl():
-    previous = impl._override
-    impl.set_impl("solutions")
-    yield
-    impl.set_impl(previous)
+    with impl.use_impl("solutions"):
+        yield
 
 
 @pytest.fixture(scope="module")

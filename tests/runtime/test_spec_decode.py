@@ -27,19 +27,15 @@ DRAFT = {"method": "draft", "num_speculative_tokens": 3, "draft_num_layers": 1}
 
 @pytest.fixture(autouse=True)
 def reference_parts():
-    previous = impl._override
-    impl.set_impl("solutions")
-    yield
-    impl.set_impl(previous)
+    with impl.use_impl("solutions"):
+        yield
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    previous = impl._override
-    impl.set_impl("solutions")  # the model binds its attention part when it is built
     config = tiny_llama_config(tie_word_embeddings=False)
-    model = random_model(config, dtype=torch.float32, seed=0)
-    impl.set_impl(previous)
+    with impl.use_impl("solutions"):  # the model binds its attention part when it is built
+        model = random_model(config, dtype=torch.float32, seed=0)
     gen = torch.Generator().manual_seed(1)
     base = [torch.randint(3, config.vocab_size, (n,), generator=gen).tolist() for n in (3, 9, 17, 30)]
     # Repetitive prompts make the n-gram proposer fire from the first decode step.
