@@ -34,8 +34,8 @@ class ThroughputResult:
         return self.output_tokens / self.elapsed_s
 
 
-def bench_lab(model_dir: str, workload: list[Request], dtype: str = "bfloat16", **engine_kwargs) -> ThroughputResult:
-    """The lab engine (``servinglab.llm.LLM``) on the workload."""
+def bench_lab(model_dir: str, workload: list[Request], dtype: str = "bfloat16", name: str = "lab engine", **engine_kwargs) -> ThroughputResult:
+    """The lab engine (``servinglab.llm.LLM``) on the workload; ``engine_kwargs`` go to ``LLM``."""
     from servinglab.llm import LLM
     from servinglab.sampling import SamplingParams
 
@@ -47,7 +47,7 @@ def bench_lab(model_dir: str, workload: list[Request], dtype: str = "bfloat16", 
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     ids = [o.outputs[0].token_ids for o in outs]
-    return ThroughputResult("lab engine", len(workload), sum(map(len, ids)), elapsed, ids)
+    return ThroughputResult(name, len(workload), sum(map(len, ids)), elapsed, ids)
 
 
 def bench_vllm(model_dir: str, workload: list[Request], dtype: str = "bfloat16") -> ThroughputResult:
@@ -104,28 +104,41 @@ def save_results(out_dir: Path, name: str, payload: dict) -> Path:
     return path
 
 
-def run_throughput(model_dir: str, systems: list[str], workload: list[Request], dtype: str, out_dir: Path, hf_batch: int = 16) -> list[ThroughputResult]:
-    """Run the chosen systems on one workload; print and save the table (and a bar chart)."""
+def run_throughput(
+    model_dir: str, systems: list[str], workload: list[Request], dtype: str, out_dir: Path, hf_batch: int = 16,
+    lab_cpu_gemm: tuple[str, ...] = ("auto",),
+) -> list[ThroughputResult]:
+    """Run the chosen systems on one workload; print and save the table (and a bar chart).
+
+    ``lab_cpu_gemm`` lists the CPU matrix-product strategies to run the lab engine with
+    (:mod:`servinglab.cpu_gemm`); more than one gives one lab row each, an ablation.
+    """
+    def lab_runner(mode: str):
+        name = "lab engine" if len(lab_cpu_gemm) == 1 else f"lab engine, cpu_gemm={mode}"
+        return lambda: bench_lab(model_dir, workload, dtype, name=name, cpu_gemm=mode)
+
     runners = {
-        "lab": lambda: bench_lab(model_dir, workload, dtype),
-        "vllm": lambda: bench_vllm(model_dir, workload, dtype),
-        "hf": lambda: bench_hf_static(model_dir, workload, dtype, hf_batch),
+        "lab": [lab_runner(mode) for mode in lab_cpu_gemm],
+        "vllm": [lambda: bench_vllm(model_dir, workload, dtype)],
+        "hf": [lambda: bench_hf_static(model_dir, workload, dtype, hf_batch)],
     }
     unknown = [s for s in systems if s not in runners]
     if unknown:
         raise ValueError(f"systems must be among {sorted(runners)}, got {unknown}")
     results = []
-    for s in tqdm(systems, desc="systems"):
-        results.append(runners[s]())
+    for run in tqdm([run for s in systems for run in runners[s]], desc="systems"):
+        results.append(run())
         print(f"{results[-1].system}: {results[-1].tokens_per_s:.1f} output tokens/s", flush=True)
     print(throughput_table(results))
+    for other in results[1:]:
+        print(f"{results[0].system} / {other.system}: {results[0].tokens_per_s / other.tokens_per_s:.2f}x")
     payload = {"workload": {"num_requests": len(workload), "output_tokens": sum(r.output_len for r in workload)},
                "dtype": dtype, "results": [{k: v for k, v in asdict(r).items() if k != "token_ids"} | {"tokens_per_s": r.tokens_per_s} for r in results]}
-    with_ids = {r.system: r.token_ids for r in results if r.token_ids is not None}
-    if len(with_ids) == 2:
-        (na, a), (nb, b) = with_ids.items()
-        share = agreement(a, b)
-        print(f"first 32 greedy tokens identical, {na} vs {nb}: {share:.1%} of requests")
+    with_ids = [r for r in results if r.token_ids is not None]
+    if len(with_ids) >= 2:
+        first, other = with_ids[0], with_ids[-1]  # the lab engine and vLLM, when both ran
+        share = agreement(first.token_ids, other.token_ids)
+        print(f"first 32 greedy tokens identical, {first.system} vs {other.system}: {share:.1%} of requests")
         payload["agreement_first32"] = share
     save_results(out_dir, "throughput", payload)
     _plot_bars(results, out_dir / "throughput.png")

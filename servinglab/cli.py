@@ -30,14 +30,29 @@ def _grade(args: argparse.Namespace) -> int:
     return grade(args.impl, args.results_json, args.expect, args.pytest_args)
 
 
+def _bench_gemm(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from servinglab.bench_gemm import run_gemm_bench
+    from servinglab.model_prep import require_model
+
+    run_gemm_bench(AutoConfig.from_pretrained(str(args.model or require_model())), tuple(args.rows))
+    return 0
+
+
 def _bench_throughput(args: argparse.Namespace) -> int:
     from servinglab.bench import run_throughput
     from servinglab.model_prep import require_model
     from servinglab.workloads import random_workload
 
+    from servinglab.config import CPU_GEMM_MODES
+
+    bad = [m for m in args.lab_cpu_gemm if m not in CPU_GEMM_MODES]
+    if bad:
+        raise SystemExit(f"error: --lab-cpu-gemm must be among {CPU_GEMM_MODES}, got {bad}")
     model_dir = str(args.model or require_model())
     workload = random_workload(args.num_requests, (args.min_len, args.max_len), (args.min_len, args.max_len), seed=args.seed)
-    run_throughput(model_dir, args.systems, workload, args.dtype, args.out, args.hf_batch)
+    run_throughput(model_dir, args.systems, workload, args.dtype, args.out, args.hf_batch, tuple(args.lab_cpu_gemm))
     return 0
 
 
@@ -113,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--hf-batch", type=int, default=16, help="transformers static batch size")
+    p.add_argument("--lab-cpu-gemm", nargs="+", default=["auto"], metavar="{auto,onednn,torch}",
+                   help="CPU matrix-product strategies for the lab engine, one row each (servinglab.cpu_gemm)")
     p.add_argument("--out", type=Path, default=Path("bench_results"))
     p.set_defaults(fn=_bench_throughput)
 
@@ -124,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_bench_memory)
 
+    p = bench.add_parser("gemm", help="the model's matrix products under each CPU kernel (GFLOP/s)")
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared SmolLM2)")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 2048], help="rows per product (batch tokens)")
+    p.set_defaults(fn=_bench_gemm)
     p = bench.add_parser("prefix", help="shared few-shot prefix: TTFT and throughput with and without the prefix cache")
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--num-requests", type=int, default=32)

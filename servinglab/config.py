@@ -9,6 +9,7 @@ import torch
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
+CPU_GEMM_MODES = ("auto", "onednn", "torch")  # servinglab.cpu_gemm
 
 
 @dataclass
@@ -31,6 +32,10 @@ class EngineConfig:
         device: ``auto`` (cuda when present), ``cpu`` or ``cuda``.
         seed: seeds random weights (tiny configs) and unseeded sampling.
         speculative_config: ``{"method": "ngram" | "draft", "num_speculative_tokens": k, ...}``.
+        cpu_gemm: matrix-product kernels for bfloat16/float16 on a CPU: ``auto`` (packed
+            oneDNN weights, float32 sgemm for big batches without AMX), ``onednn`` (packed
+            only) or ``torch`` (plain ``F.linear``); ``None`` reads ``SERVINGLAB_CPU_GEMM``,
+            default ``auto``. See :mod:`servinglab.cpu_gemm`.
     """
 
     model: str | None = None
@@ -46,11 +51,14 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     speculative_config: dict[str, Any] | None = None
+    cpu_gemm: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.cpu_gemm is not None and self.cpu_gemm not in CPU_GEMM_MODES:
+            raise ValueError(f"cpu_gemm must be one of {CPU_GEMM_MODES} or None, got {self.cpu_gemm!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():

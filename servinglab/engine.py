@@ -74,6 +74,8 @@ class LLMEngine:
             raise ValueError("hf_config is required when a model object is passed")
         else:
             model = model.to(device=self.device)  # a ready model may come from the CPU
+        if self.device.type == "cpu" and hasattr(model, "prepack_cpu_weights"):
+            model.prepack_cpu_weights(config.cpu_gemm)  # bf16/fp16 oneDNN weight packing (servinglab.cpu_gemm)
         self.model, self.hf_config, self.tokenizer = model, hf_config, tokenizer
         limit = getattr(hf_config, "max_position_embeddings", 2048)
         self.max_model_len = config.max_model_len or min(limit, 2048)

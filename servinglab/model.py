@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 
-from servinglab import impl
+from servinglab import cpu_gemm, impl
 from servinglab.interfaces import AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -191,6 +191,26 @@ class LlamaForCausalLM(nn.Module):
         # Tied embeddings (SmolLM2): the output projection *is* the embedding matrix, so
         # there is no separate lm_head parameter to load or store.
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._cpu_lm_head: cpu_gemm.CpuLinear | None = None  # set by prepack_cpu_weights
+
+    def prepack_cpu_weights(self, mode: str | None = None) -> int:
+        """Pre-pack the matrix-product weights for oneDNN (bfloat16/float16 on a CPU).
+
+        Call it after the weights are loaded; it is a no-op elsewhere. See
+        :mod:`servinglab.cpu_gemm` for the kernels and why they are faster.
+
+        Args:
+            mode: ``auto``, ``onednn`` or ``torch`` (``None``: ``SERVINGLAB_CPU_GEMM``).
+
+        Returns:
+            How many linear layers were packed (0 when packing does not apply).
+        """
+        packed = cpu_gemm.prepack_linears(self.model, mode)
+        if packed:
+            # Logits rows are few (one per sampling sequence): the packed bf16 copy is
+            # the fast one, and a float32 copy of the 49152-row head would cost 113 MB.
+            self.__dict__["_cpu_lm_head"] = cpu_gemm.CpuLinear.from_weight(self.lm_head_weight, None, sgemm=False)
+        return packed
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -225,4 +245,6 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[S, hidden]`` -> float32 ``[S, vocab]`` (call it only on rows that sample)."""
+        if self._cpu_lm_head is not None:
+            return self._cpu_lm_head(hidden).float()
         return F.linear(hidden, self.lm_head_weight).float()
