@@ -14,11 +14,14 @@ the engine's speed. Two measured facts (``servinglab bench gemm`` prints them) s
    on two cores, while MKL's float32 sgemm reaches about 250. From about 48 rows on (a
    prefill chunk, a big decode batch) the product is compute bound, and it is faster to
    widen the bfloat16 operands to float32 and call sgemm. The result is the bfloat16
-   product all the same: a product of two bfloat16 numbers (8-bit significands) is exact
-   in float32 (24 bits), oneDNN accumulates in float32 too, and the output is rounded back
+   product all the same: a product of two bfloat16 numbers (8-bit significands; float16:
+   11) is exact in float32 (24 bits), oneDNN accumulates in float32 too, and the output is rounded back
    to bfloat16, so only the summation order differs (as it does between any two GEMM
    kernels). Below 48 rows the product is bound by reading the weights, and the 2-byte
    packed copy wins. This costs a float32 copy of the decoder weights (4 bytes a weight).
+
+End to end on ``servinglab bench throughput`` (2-core Xeon without AMX, bfloat16, one
+run): plain ``F.linear`` 189 output tokens/s, packed weights 207, both tricks 242.
 
 :func:`prepack_linears` swaps each ``nn.Linear`` of the decoder for a :class:`CpuLinear`
 that shares the original weight (``state_dict`` is unchanged) and keeps its fast copies as
