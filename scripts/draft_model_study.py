@@ -34,18 +34,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from servinglab.bench_spec import OPEN_ENDED  # noqa: E402
 from servinglab.draft_model import build_draft_model  # noqa: E402
 from servinglab.model_prep import require_model  # noqa: E402
 from solutions.speculative import NgramProposer, expected_speedup  # noqa: E402
 
-EVAL_PROMPTS = [
-    "Write a short story about a robot who learns to paint.",
-    "What are some good habits for staying healthy while working from home?",
-    "Explain how a rainbow forms.",
-    "Give me three ideas for a birthday party for a ten-year-old.",
-    "Why do cats purr?",
-    "Describe your ideal weekend in a few sentences.",
-]
+EVAL_PROMPTS = OPEN_ENDED[:6]  # the open-ended prompts `servinglab bench spec` uses
 TOPICS = ["volcanoes", "the moon", "bread baking", "honey bees", "chess", "the ocean", "bicycles", "coffee",
           "trees", "rain", "museums", "guitars", "penguins", "the internet", "gardening", "sleep"]
 TEMPLATES = ["Tell me about {}.", "Write a short poem about {}.", "What are three fun facts about {}?",

@@ -72,7 +72,7 @@ def run_gemm_bench(hf_config, rows: tuple[int, ...] = (1, 8, 64, 2048)) -> list[
             x32 = x.float()
             kernels = {
                 "torch": lambda: F.linear(x, w),
-                "onednn": lambda: cpu_gemm.CpuLinear.forward_packed(fast, x),
+                "onednn": lambda: fast.forward_packed(x),
                 "sgemm": lambda: F.linear(x32, w32).to(torch.bfloat16),
                 "fp32": lambda: F.linear(x32, w32),
             }

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from servinglab import cpu_gemm, impl
+from servinglab import cpu_gemm
 from servinglab.config import EngineConfig
 from servinglab.interfaces import AttentionMetadata
 from servinglab.llm import LLM
@@ -18,12 +18,6 @@ needs_packing = pytest.mark.skipif(
     not cpu_gemm.packing_supported(torch.bfloat16, torch.device("cpu")),
     reason="this PyTorch build cannot pack bfloat16 weights for oneDNN on this CPU",
 )
-
-
-@pytest.fixture(autouse=True)
-def reference_attention():
-    with impl.use_impl("solutions"):
-        yield
 
 
 def bf16_close(got: torch.Tensor, want: torch.Tensor) -> None:

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from oracle import hf_greedy
-from servinglab import impl
 from servinglab.llm import LLM
 from servinglab.sampling import SamplingParams
 from servinglab.weights import random_model, tiny_llama_config, to_transformers
@@ -21,17 +20,10 @@ PROMPT_LENS = [3, 9, 17, 30, 44, 5]
 MAX_TOKENS = 12
 
 
-@pytest.fixture(autouse=True)
-def reference_parts():
-    with impl.use_impl("solutions"):
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny():
     config = tiny_llama_config()
-    with impl.use_impl("solutions"):  # the model binds its attention part when it is built
-        model = random_model(config, dtype=torch.float32, seed=0)
+    model = random_model(config, dtype=torch.float32, seed=0)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, config.vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENS]
     hf = to_transformers(model)

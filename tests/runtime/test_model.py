@@ -12,7 +12,6 @@ import random
 import pytest
 import torch
 
-from servinglab import impl
 from servinglab.cache import KVCacheSpec, allocate_kv_cache
 from servinglab.interfaces import ScheduledSequence, SchedulerOutput
 from servinglab.runner import ModelRunner
@@ -23,15 +22,8 @@ BLOCK_SIZE = 4
 NUM_BLOCKS = 64
 
 
-@pytest.fixture(autouse=True)
-def reference_attention():
-    """Run the model on the reference Part 3 whatever ``--impl`` says; restore afterwards."""
-    with impl.use_impl("solutions"):
-        yield
-
-
 @pytest.fixture
-def tiny(reference_attention):
+def tiny():
     config = tiny_llama_config()
     model = random_model(config, dtype=torch.float32, seed=0)
     return config, model
@@ -73,7 +65,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
-def test_prefill_then_decode_matches_transformers(reference_attention, overrides):
+def test_prefill_then_decode_matches_transformers(overrides):
     config = tiny_llama_config(**overrides)
     model = random_model(config, dtype=torch.float32, seed=1)
     hf = to_transformers(model)
@@ -155,7 +147,7 @@ def test_load_model_reads_a_transformers_folder(tiny, tmp_path):
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def test_scaled_rope_is_refused(reference_attention):
+def test_scaled_rope_is_refused():
     config = tiny_llama_config(rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(NotImplementedError, match="linear"):
         random_model(config)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from servinglab import impl
 from servinglab.llm import LLM
 from servinglab.profiling import GROUPS, OTHER, group_of, profile_decode_steps
 from servinglab.sampling import SamplingParams
@@ -14,11 +13,10 @@ from servinglab.weights import random_model, tiny_llama_config
 
 @pytest.fixture
 def engine():
-    with impl.use_impl("solutions"):
-        config = tiny_llama_config()
-        llm = LLM(model_obj=random_model(config, dtype=torch.float32, seed=0), hf_config=config,
-                  dtype="float32", num_kv_blocks=64, block_size=4, device="cpu")
-        yield llm.engine
+    config = tiny_llama_config()
+    llm = LLM(model_obj=random_model(config, dtype=torch.float32, seed=0), hf_config=config,
+              dtype="float32", num_kv_blocks=64, block_size=4, device="cpu")
+    return llm.engine
 
 
 def test_groups_of_op_names():

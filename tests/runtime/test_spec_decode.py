@@ -4,7 +4,7 @@ accepted run; no leaked or stale blocks; sampling within max_tokens; config erro
 
 The tiny Llama has untied embeddings: with tied ones a random model mostly repeats its
 last token and every draft is accepted, which would leave the rejection paths untested.
-Runs on the reference parts (``set_impl("solutions")``) like ``test_engine.py``.
+Runs on the reference parts (``tests/runtime/conftest.py``) like ``test_engine.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from servinglab import impl
 from servinglab.llm import LLM
 from servinglab.model_prep import default_model_dir, is_prepared
 from servinglab.sampling import SamplingParams
@@ -25,17 +24,10 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
 DRAFT = {"method": "draft", "num_speculative_tokens": 3, "draft_num_layers": 1}
 
 
-@pytest.fixture(autouse=True)
-def reference_parts():
-    with impl.use_impl("solutions"):
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny():
     config = tiny_llama_config(tie_word_embeddings=False)
-    with impl.use_impl("solutions"):  # the model binds its attention part when it is built
-        model = random_model(config, dtype=torch.float32, seed=0)
+    model = random_model(config, dtype=torch.float32, seed=0)
     gen = torch.Generator().manual_seed(1)
     base = [torch.randint(3, config.vocab_size, (n,), generator=gen).tolist() for n in (3, 9, 17, 30)]
     # Repetitive prompts make the n-gram proposer fire from the first decode step.
