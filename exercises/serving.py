@@ -8,38 +8,26 @@ behind :class:`~servinglab.async_engine.SimpleContinuousBatching`) or the real v
 ``initialize_engine``, ``create_sampling_params``, ``generate_async`` (an async generator
 of :class:`StreamEvent`, one per new piece of output) and ``benchmark_performance``.
 
-The latency numbers a serving system is judged by come from per-token timestamps
-(the definitions of vLLM's ``benchmark_serving``). For a request sent at ``s`` whose
-``n`` output tokens arrive at ``t_1 <= ... <= t_n``:
-
-- TTFT (time to first token) = ``t_1 - s``: queueing plus prefill;
-- TPOT (time per output token) = ``(t_n - t_1) / (n - 1)``, defined for ``n >= 2``: the
-  decode rate this request saw (one value per request);
-- ITL (inter-token latency) = every gap ``t_{i+1} - t_i`` (one value per gap, pooled
-  over all requests): it shows the stalls a mean hides;
-- E2E latency = ``t_n - s``;
-- output throughput = all output tokens / (last token of any request - first send).
-
-Percentiles use linear interpolation between order statistics (numpy's default): for
-sorted values ``x_0..x_{m-1}``, ``p``-th percentile at rank ``h = (m - 1) p / 100`` is
-``x_floor(h) + (h - floor(h)) (x_ceil(h) - x_floor(h))``.
+The latency statistics (TTFT, TPOT, ITL, E2E and their percentiles) are in
+:mod:`.serving_stats`; this module re-exports them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
-import math
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple
 
+from servinglab.engine.engine_thread import EngineThread, run_sync
+
+from .serving_stats import PERCENTILES, STATS, RequestTimestamps, compute_latency_stats, percentile
+
+__all__ = ["BACKENDS", "PERCENTILES", "STATS", "EngineThread", "RequestTimestamps", "StreamEvent", "compute_latency_stats",
+           "percentile", "run_sync", "vLLMServingEngine"]
+
 BACKENDS = ("lab", "vllm")
-STATS = ("ttft", "tpot", "itl", "e2e")
-PERCENTILES = (50, 90, 99)
 
 
 class StreamEvent(NamedTuple):
@@ -50,120 +38,6 @@ class StreamEvent(NamedTuple):
     token_ids: list[int]  # token ids new since this prompt's previous event
     timestamp: float  # time.perf_counter() when generate_async received it
     finish_reason: str | None  # "stop" or "length" on the prompt's last event, else None
-
-
-@dataclass
-class RequestTimestamps:
-    """When one request was sent and when each of its output tokens arrived (perf_counter s)."""
-
-    start: float
-    token_times: list[float] = field(default_factory=list)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0 <= q <= 100) with linear interpolation (see the module docstring).
-
-    Raises:
-        ValueError: ``values`` is empty, or ``q`` is outside [0, 100].
-    """
-    # Hint: sort a copy; rank h = (len - 1) * q / 100; interpolate between floor(h) and ceil(h).
-    raise NotImplementedError("percentile: your code here")
-
-
-def compute_latency_stats(request_timestamps: Sequence[RequestTimestamps]) -> dict[str, float]:
-    """Latency and throughput of a set of requests from their per-token timestamps.
-
-    Args:
-        request_timestamps: one :class:`RequestTimestamps` per request (a ``(start,
-            token_times)`` tuple works too); a token that arrived with another repeats its time.
-
-    Returns:
-        ``num_requests``, ``total_output_tokens``, ``duration_s``, ``avg_throughput_tps``
-        (output tokens/s), ``request_throughput`` (requests/s), and for each of ``ttft``,
-        ``tpot``, ``itl``, ``e2e`` the keys ``avg_<name>_ms``, ``p50_<name>_ms``,
-        ``p90_<name>_ms``, ``p99_<name>_ms`` in milliseconds (``nan`` when no request has
-        that quantity, e.g. TPOT when every request made one token).
-
-    Raises:
-        ValueError: naming ``request_timestamps``, when it is empty, a request has no token
-        times, its times decrease or come before its start, or the duration is zero.
-    """
-    # Hints: collect seconds per metric in lists (TTFT, TPOT, E2E: one per request; ITL: every
-    # gap), then mean and percentile() of each, times 1000. duration = latest token - earliest start.
-    raise NotImplementedError("compute_latency_stats: your code here")
-
-
-def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine to completion from synchronous code, also inside Jupyter (whose thread
-    already runs an event loop, where ``asyncio.run`` is refused): then a worker thread runs it."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-class EngineThread:
-    """An event loop in a daemon thread that owns the engine; callers on any loop stream from it.
-
-    Why: ``SimpleContinuousBatching``'s queues and vLLM's ``AsyncLLM`` output task belong to
-    the event loop that first used them, while Jupyter, ``asyncio.run`` and :func:`run_sync`
-    each bring their own loop. Keeping the engine on one private loop lets every caller use it.
-    """
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="serving-engine-loop", daemon=True)
-        self.thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coro`` on the engine loop and wait for its result (from synchronous code)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    async def stream(self, make: Callable[[], AsyncIterator[Any]]) -> AsyncIterator[Any]:
-        """Iterate ``make()`` on the engine loop, yielding its items on the caller's loop.
-
-        Closing this early cancels the iteration there and waits until its clean-up (the
-        abort) has run, so the caller sees the blocks freed when ``aclose`` returns.
-        """
-        caller, inbox, end = asyncio.get_running_loop(), asyncio.Queue(), object()
-        closed = caller.create_future()
-        state: dict[str, Any] = {"task": None, "stop": False}  # touched on the engine loop only
-
-        def send(item: Any) -> None:
-            caller.call_soon_threadsafe(inbox.put_nowait, item)
-
-        async def drive() -> None:
-            state["task"] = asyncio.current_task()
-            try:
-                if not state["stop"]:
-                    async for item in make():
-                        send(item)
-                    send(end)
-            except Exception as exc:
-                send(exc)
-            finally:
-                caller.call_soon_threadsafe(lambda: closed.done() or closed.set_result(None))
-
-        def cancel() -> None:
-            state["stop"] = True
-            if state["task"] is not None:
-                state["task"].cancel()
-
-        asyncio.run_coroutine_threadsafe(drive(), self.loop)
-        try:
-            while (item := await inbox.get()) is not end:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            self.loop.call_soon_threadsafe(cancel)  # a no-op when drive() already ended
-            await closed
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
 
 
 class vLLMServingEngine:  # noqa: N801 (the seed guide's name)
@@ -203,9 +77,9 @@ class vLLMServingEngine:  # noqa: N801 (the seed guide's name)
         if self.engine is not None:
             return
         if self.backend == "lab":
-            from servinglab.async_engine import SimpleContinuousBatching
-            from servinglab.config import EngineConfig
-            from servinglab.engine import LLMEngine
+            from servinglab.engine.async_engine import SimpleContinuousBatching
+            from servinglab.engine.config import EngineConfig
+            from servinglab.engine.engine import LLMEngine
 
             cfg = dict(self.config)
             ready = {k: cfg.pop(k) for k in ("model_obj", "hf_config", "tokenizer") if k in cfg}
@@ -230,7 +104,7 @@ class vLLMServingEngine:  # noqa: N801 (the seed guide's name)
         self.engine = self.front = self.runner = None
 
     def create_sampling_params(self, temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 16, **kwargs: Any) -> Any:
-        """The backend's ``SamplingParams`` (``servinglab.sampling`` or ``vllm``), same names and meanings.
+        """The backend's ``SamplingParams`` (``servinglab.engine.sampling`` or ``vllm``), same names and meanings.
 
         ``kwargs`` go through unchanged (``seed``, ``top_k``, ``stop``, ``ignore_eos``, ...).
         For vLLM set ``output_kind=RequestOutputKind.DELTA`` so each output carries only new tokens.

@@ -33,7 +33,12 @@ from typing import Protocol
 
 import torch
 
-from servinglab.sampling import SamplingParams, probabilities
+from servinglab.engine.sampling import SamplingParams, probabilities
+
+from .speculative_math import expected_acceptance_rate, expected_speedup, expected_tokens_per_step
+
+__all__ = ["DraftModelProposer", "NgramProposer", "PLACEHOLDER_TOKEN_ID", "Proposer", "SpeculativeDecoding", "SpeculativeOutput",
+           "expected_acceptance_rate", "expected_speedup", "expected_tokens_per_step", "rejection_sample"]
 
 PLACEHOLDER_TOKEN_ID = -1  # pads output rows past the emitted tokens (vLLM uses -1 too)
 # token ids -> logits [n, V] for the last n positions: all of them, or (a KV-cached model, see
@@ -196,18 +201,3 @@ class SpeculativeDecoding:
             :func:`rejection_sample`) a draft vocabulary unlike the target's.
         """
         raise NotImplementedError("generate_with_speculation: your code here")
-
-
-def expected_acceptance_rate(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
-    """``sum_x min(p(x), q(x))`` over the last dim: the chance one draft is accepted (1 - TV distance)."""
-    raise NotImplementedError("expected_acceptance_rate: your code here")
-
-
-def expected_tokens_per_step(a: float, k: int) -> float:
-    """Tokens one target pass yields, ``(1 - a^(k+1)) / (1 - a)`` (Leviathan et al. 2023; ``k + 1`` at a = 1)."""
-    raise NotImplementedError("expected_tokens_per_step: your code here")
-
-
-def expected_speedup(a: float, k: int, c: float) -> float:
-    """Wall-time speedup ``(1 - a^(k+1)) / ((1 - a)(k c + 1))``, ``c`` = draft cost / target cost (Leviathan et al. 2023)."""
-    raise NotImplementedError("expected_speedup: your code here")

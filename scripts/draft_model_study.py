@@ -34,9 +34,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from servinglab.bench_spec import OPEN_ENDED  # noqa: E402
-from servinglab.draft_model import build_draft_model  # noqa: E402
-from servinglab.model_prep import require_model  # noqa: E402
+from servinglab.bench.spec_prompts import OPEN_ENDED  # noqa: E402
+from servinglab.engine.draft_model import build_draft_model  # noqa: E402
+from servinglab.model.prepare import require_model  # noqa: E402
 from solutions.speculative import NgramProposer, expected_speedup  # noqa: E402
 
 EVAL_PROMPTS = OPEN_ENDED[:6]  # the open-ended prompts `servinglab bench spec` uses

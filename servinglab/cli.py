@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from servinglab.model_prep import ModelNotPreparedError, prepare_model
+    from servinglab.model.prepare import ModelNotPreparedError, prepare_model
 
     try:
         prepare_model(args.dir, force=args.force)
@@ -19,13 +19,13 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from servinglab.doctor import run_doctor
+    from servinglab.course.doctor import run_doctor
 
     return run_doctor(with_vllm=not args.no_vllm)
 
 
 def _grade(args: argparse.Namespace) -> int:
-    from servinglab.grading import grade
+    from servinglab.course.grading import grade
 
     return grade(args.impl, args.results_json, args.expect, args.pytest_args)
 
@@ -33,19 +33,19 @@ def _grade(args: argparse.Namespace) -> int:
 def _bench_gemm(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from servinglab.bench_gemm import run_gemm_bench
-    from servinglab.model_prep import require_model
+    from servinglab.bench.gemm import run_gemm_bench
+    from servinglab.model.prepare import require_model
 
     run_gemm_bench(AutoConfig.from_pretrained(str(args.model or require_model())), tuple(args.rows))
     return 0
 
 
 def _bench_throughput(args: argparse.Namespace) -> int:
-    from servinglab.bench import run_throughput
-    from servinglab.model_prep import require_model
-    from servinglab.workloads import random_workload
+    from servinglab.bench.throughput import run_throughput
+    from servinglab.model.prepare import require_model
+    from servinglab.bench.workloads import random_workload
 
-    from servinglab.config import CPU_GEMM_MODES
+    from servinglab.model.cpu_gemm import CPU_GEMM_MODES
 
     bad = [m for m in args.lab_cpu_gemm if m not in CPU_GEMM_MODES]
     if bad:
@@ -57,29 +57,29 @@ def _bench_throughput(args: argparse.Namespace) -> int:
 
 
 def _bench_memory(args: argparse.Namespace) -> int:
-    from servinglab.bench_memory import memory_table, run_memory
+    from servinglab.bench.memory import memory_table, run_memory
 
     print(memory_table(run_memory(args.num_requests, args.max_model_len, args.pool_slots, args.block_size, args.seed)))
     return 0
 
 
 def _bench_prefix(args: argparse.Namespace) -> int:
-    from servinglab.bench_memory import prefix_table, run_prefix
-    from servinglab.model_prep import require_model
+    from servinglab.bench.memory import prefix_table, run_prefix
+    from servinglab.model.prepare import require_model
 
     print(prefix_table(run_prefix(str(args.model or require_model()), args.num_requests, args.max_tokens, args.dtype)))
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from servinglab.server import serve
+    from servinglab.serving.server import serve
 
     return serve(args)
 
 
 def _bench_spec(args: argparse.Namespace) -> int:
-    from servinglab.bench_spec import run_spec
-    from servinglab.model_prep import require_model
+    from servinglab.bench.spec import run_spec
+    from servinglab.model.prepare import require_model
 
     run_spec(str(args.model or require_model()), args.dtypes, args.out, k=args.k, draft_k=args.draft_k, draft_layers=args.draft_layers,
              max_tokens=args.max_tokens, open_max_tokens=args.open_max_tokens, repeats=args.repeats, with_vllm=not args.no_vllm)
@@ -87,7 +87,7 @@ def _bench_spec(args: argparse.Namespace) -> int:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
-    from servinglab.bench_serve import main_from_args
+    from servinglab.bench.serve import main_from_args
 
     return main_from_args(args)
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_grade)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the lab engine (like `vllm serve`)")
-    from servinglab.server import add_serve_arguments
+    from servinglab.serving.server import add_serve_arguments
 
     add_serve_arguments(p)
     p.set_defaults(fn=_serve)
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--hf-batch", type=int, default=16, help="transformers static batch size")
     p.add_argument("--lab-cpu-gemm", nargs="+", default=["auto"], metavar="{auto,onednn,torch}",
-                   help="CPU matrix-product strategies for the lab engine, one row each (servinglab.cpu_gemm)")
+                   help="CPU matrix-product strategies for the lab engine, one row each (servinglab.model.cpu_gemm)")
     p.add_argument("--out", type=Path, default=Path("bench_results"))
     p.set_defaults(fn=_bench_throughput)
 
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_bench_spec)
 
     p = bench.add_parser("serve", help="online serving benchmark against OpenAI-compatible servers (like vLLM's benchmark_serving)")
-    from servinglab.bench_serve import add_bench_serve_arguments
+    from servinglab.bench.serve import add_bench_serve_arguments
 
     add_bench_serve_arguments(p)
     p.set_defaults(fn=_bench_serve)

@@ -1,7 +1,7 @@
 """Part 3: paged attention over a block-structured KV cache.
 
 The KV cache is one pair of tensors per layer, each ``[num_blocks, block_size,
-num_kv_heads, head_dim]`` (see :mod:`servinglab.cache`). A sequence's tokens are not
+num_kv_heads, head_dim]`` (see :mod:`servinglab.model.cache`). A sequence's tokens are not
 stored contiguously: its *block table* lists the blocks that hold positions
 ``0..block_size-1``, ``block_size..2*block_size-1`` and so on, so position ``p`` lives in
 slot ``block_table[p // block_size] * block_size + p % block_size`` (Kwon et al., 2023,

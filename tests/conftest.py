@@ -52,5 +52,5 @@ def _part_fixture(name: str):
     return _fixture
 
 
-for _name in impl_mod.PARTS.values():
+for _name in impl_mod.MODULES:
     globals()[f"fixture_{_name}"] = _part_fixture(_name)

@@ -146,13 +146,13 @@ for name, shape in MODELS.items():
     print(f"{name:14s} {right / 1024:10.1f} {seed / 1024:15.1f} {seed / right:10.0f}x")
 """)
 nb.md("""
-The prediction must match what the engine really allocates. `servinglab.cache` builds
+The prediction must match what the engine really allocates. `servinglab.model.cache` builds
 one `[num_blocks, block_size, num_kv_heads, head_dim]` tensor for K and one for V per
 layer; here are 64 blocks of 16 tokens for SmolLM2-135M in bf16:
 """)
 nb.code("""
 import torch
-from servinglab.cache import KVCacheSpec, allocate_kv_cache, kv_cache_nbytes
+from servinglab.model.cache import KVCacheSpec, allocate_kv_cache, kv_cache_nbytes
 spec = KVCacheSpec(num_layers=30, num_kv_heads=3, head_dim=64)
 real = kv_cache_nbytes(allocate_kv_cache(spec, num_blocks=64, block_size=16, dtype=torch.bfloat16))
 predicted = kv.calculate_kv_cache_memory(MODELS["SmolLM2-135M"], seq_len=16, batch_size=64, dtype=torch.bfloat16)

@@ -407,7 +407,7 @@ assert abs(kv_utilization(big, [s3]) - 300 / 2048) < 1e-12
 """, "kv_utilization_test", points=2)
 nb.code("""
 from servinglab.sequence import Sequence, SequenceStatus
-from servinglab.workloads import sharegpt_like_lengths
+from servinglab.bench.workloads import sharegpt_like_lengths
 sch = load_part("scheduler")
 
 MAX_MODEL_LEN, PAGE = 2048, 16

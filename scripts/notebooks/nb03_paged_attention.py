@@ -34,7 +34,7 @@ import torch
 import matplotlib.pyplot as plt
 from matplotlib.patches import FancyArrowPatch, Rectangle
 from servinglab.interfaces import AttentionMetadata
-from servinglab.notebook import pick_device
+from servinglab.course.notebook import pick_device
 DEVICE = pick_device()
 torch.manual_seed(0)
 print("tensors on", DEVICE)
@@ -94,7 +94,7 @@ sequence 0 is a 6-token prefill, sequence 1 decodes its 9th token, and sequence 
 computes positions 4-6 after its first block came from the prefix cache.
 
 Complete `build_metadata`, which turns block tables and lengths into the four tensors
-(the runner, `servinglab/runner.py`, does the same for the engine).
+(the runner, `servinglab/engine/runner.py`, does the same for the engine).
 """)
 nb.solution("""
 def build_metadata(block_tables, context_lens, query_lens, block_size, device="cpu") -> AttentionMetadata:
@@ -407,9 +407,9 @@ two produce the same tokens.
 nb.code("""
 import time
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from servinglab.llm import LLM
-from servinglab.model_prep import default_model_dir
-from servinglab.sampling import SamplingParams
+from servinglab import LLM
+from servinglab.model.prepare import default_model_dir
+from servinglab import SamplingParams
 
 MODEL = str(default_model_dir())
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "A paged KV cache stores keys and values in"]
@@ -445,7 +445,7 @@ print(f"\\n{same}/{len(PROMPTS)} prompts identical token for token")
 """)
 nb.tests("""
 # Your attention inside the engine against transformers on a tiny random GQA Llama (float32, greedy).
-from servinglab.weights import random_model, tiny_llama_config, to_transformers
+from servinglab.model.weights import random_model, tiny_llama_config, to_transformers
 cfg = tiny_llama_config()                       # 4 query heads, 2 KV heads
 tiny_model = random_model(cfg, seed=0).to(DEVICE)
 assert tiny_model.attention is pa or tiny_model.attention.__name__ == pa.__name__

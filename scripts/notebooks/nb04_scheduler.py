@@ -291,10 +291,10 @@ first prompts are admitted in chunks. `record_steps=True` makes the engine log e
 step: which sequences ran, how many tokens each, prefill or decode, and who was preempted.
 """)
 nb.code("""
-from servinglab.llm import LLM
-from servinglab.model_prep import default_model_dir
-from servinglab.sampling import SamplingParams
-from servinglab.workloads import random_workload
+from servinglab import LLM
+from servinglab.model.prepare import default_model_dir
+from servinglab import SamplingParams
+from servinglab.bench.workloads import random_workload
 
 MODEL = str(default_model_dir())
 timeline_llm = LLM(model=MODEL, dtype="bfloat16", num_kv_blocks=16, block_size=16, max_num_seqs=16,
@@ -396,7 +396,7 @@ def summarize(outputs, duration) -> dict:
     ### END SOLUTION
 """, "summarize")
 nb.tests("""
-from servinglab.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from servinglab.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
 def _fake(i, arrival, first, finish, n):
@@ -541,7 +541,7 @@ through the block tables, SDPA, the cache writes), sampling and everything else 
 RoPE, activations, dtype conversions), at a few batch sizes.
 """)
 nb.code("""
-from servinglab.profiling import GROUPS, OTHER, profile_decode_steps
+from servinglab.bench.profiling import GROUPS, OTHER, profile_decode_steps
 
 del bench_llm, bench                             # free the previous engine's KV pool
 prof_llm = LLM(model=MODEL, dtype="bfloat16", max_num_seqs=64, kv_cache_memory_gib=0.25)
@@ -569,7 +569,7 @@ kernel helps. On CPUs without AMX, oneDNN's bfloat16 kernel reaches about 150 GF
 two cores against about 250 for float32 sgemm (`servinglab bench gemm` prints both for
 every layer). So the engine packs the weights once for oneDNN (small batches) and, from 48
 rows on, widens the bfloat16 operands to float32 and calls sgemm: the same product (a
-product of two bfloat16 numbers is exact in float32), a faster kernel. `servinglab.cpu_gemm`
+product of two bfloat16 numbers is exact in float32), a faster kernel. `servinglab.model.cpu_gemm`
 explains the choice; `LLM(..., cpu_gemm="torch")` switches it off.
 
 Attention is second. It is memory bound: the batched decode path copies every sequence's
@@ -581,7 +581,7 @@ child process): the small version of `servinglab bench throughput`, run with and
 the faster kernels.
 """)
 nb.code("""
-from servinglab.bench import run_throughput
+from servinglab.bench.throughput import run_throughput
 
 del prof_llm
 small = random_workload(32, prompt_len=(16, 64), output_len=(16, 64), seed=0)

@@ -36,7 +36,7 @@ import importlib, time
 import matplotlib.pyplot as plt
 import torch
 from scipy.stats import chisquare
-from servinglab.sampling import SamplingParams
+from servinglab import SamplingParams
 spec = importlib.import_module(f"{current_impl()}.speculative")
 torch.set_num_threads(1)  # batch-1 work on small tensors: one thread is as fast, and steady on a busy machine
 """)
@@ -176,8 +176,8 @@ slots that the paged engine does by freeing blocks.
 """)
 nb.code("""
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from servinglab.model_prep import prepare_model
-from servinglab.draft_model import build_draft_model, cached_logits_fn
+from servinglab.model.prepare import prepare_model
+from servinglab.engine.draft_model import build_draft_model, cached_logits_fn
 folder = prepare_model()
 tok = AutoTokenizer.from_pretrained(folder)
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -268,7 +268,7 @@ nb.md("""
 ## 6. Speculation inside the paged engine
 
 The loop above verifies one request at a time against a transformers KV cache. The lab
-engine does the same for a whole batch over the paged cache (`servinglab/spec_decode.py`),
+engine does the same for a whole batch over the paged cache (`servinglab/engine/spec_decode.py`),
 configured like vLLM: `LLM(..., speculative_config={"method": "ngram",
 "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3})`. Each step
 your `NgramProposer` drafts up to `k` tokens for every decoding sequence; they are
@@ -281,8 +281,8 @@ Blocks go to the prefix cache only after the rollback, so no cached block holds 
 rejected draft. In float32 the greedy output is the plain engine's, token for token.
 """)
 nb.code("""
-from servinglab.llm import LLM
-from servinglab.spec_decode import generate_with_speculation
+from servinglab import LLM
+from servinglab.engine.spec_decode import generate_with_speculation
 common = dict(model=str(folder), dtype="float32", max_model_len=512, enable_prefix_caching=False)
 plain_llm = LLM(**common)
 spec_llm = LLM(**common, speculative_config={"method": "ngram", "num_speculative_tokens": 6,

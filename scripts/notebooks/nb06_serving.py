@@ -29,7 +29,7 @@ nb.code("""
 serving = load_part("serving")
 import dataclasses, math, time
 import matplotlib.pyplot as plt
-from servinglab.model_prep import require_model
+from servinglab.model.prepare import require_model
 MODEL_DIR = require_model()
 """)
 
@@ -193,7 +193,7 @@ nb.md("""
 on your parts (`SERVINGLAB_IMPL`), on a free loopback port.
 """)
 nb.code("""
-from servinglab.bench_serve import ServerProcess, lab_server_command
+from servinglab.bench.servers import ServerProcess, lab_server_command
 server = ServerProcess(lambda port: lab_server_command(str(MODEL_DIR), port, "smol", max_model_len=1024, max_num_seqs=64),
                        env={"SERVINGLAB_IMPL": current_impl()}, startup_timeout=180, name="lab-server")
 server.__enter__()
@@ -221,8 +221,8 @@ included). A small run at two rates (the full benchmark, lab against vLLM side b
 """)
 nb.code("""
 import asyncio
-from servinglab.bench_serve import run_workload, summarize
-from servinglab.workloads import random_workload
+from servinglab.bench.serve import run_workload, summarize
+from servinglab.bench.workloads import random_workload
 WORKLOAD = random_workload(12, prompt_len=(16, 64), output_len=(16, 32), seed=0)
 http = {}
 for rate in (2.0, 8.0):

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from servinglab.cache import KVCacheSpec, allocate_kv_cache, kv_cache_nbytes
+from servinglab.model.cache import KVCacheSpec, allocate_kv_cache, kv_cache_nbytes
 
 KIB, GIB = 1024, 1024**3
 GPU_80GB = 80 * GIB  # an "80GB" A100/H100 carries 80 GiB of HBM

@@ -20,7 +20,7 @@ from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import servinglab.impl
-from servinglab.sampling import SamplingParams
+from servinglab import SamplingParams
 
 ALPHA = 1e-3  # chi-square false-alarm rate
 N = 20_000  # trials per distribution test

@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from servinglab import impl as impl_mod
-from servinglab.llm import LLM
-from servinglab.sampling import SamplingParams
-from servinglab.weights import random_model, tiny_llama_config
+from servinglab import LLM, SamplingParams
+from servinglab.model.weights import random_model, tiny_llama_config
 
 pytestmark = pytest.mark.part(6)
 

@@ -1,4 +1,4 @@
-"""The CPU matrix-product kernels (servinglab.cpu_gemm): same products, same model, same outputs."""
+"""The CPU matrix-product kernels (servinglab.model.cpu_gemm): same products, same model, same outputs."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from servinglab import cpu_gemm
-from servinglab.config import EngineConfig
+from servinglab.model import cpu_gemm
+from servinglab.engine.config import EngineConfig
 from servinglab.interfaces import AttentionMetadata
-from servinglab.llm import LLM
-from servinglab.sampling import SamplingParams
-from servinglab.weights import random_model, tiny_llama_config
+from servinglab import LLM, SamplingParams
+from servinglab.model.weights import random_model, tiny_llama_config
 
 needs_packing = pytest.mark.skipif(
     not cpu_gemm.packing_supported(torch.bfloat16, torch.device("cpu")),

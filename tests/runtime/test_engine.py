@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from oracle import hf_greedy
-from servinglab.llm import LLM
-from servinglab.sampling import SamplingParams
-from servinglab.weights import random_model, tiny_llama_config, to_transformers
+from servinglab import LLM, SamplingParams
+from servinglab.model.weights import random_model, tiny_llama_config, to_transformers
 
 PROMPT_LENS = [3, 9, 17, 30, 44, 5]
 MAX_TOKENS = 12

@@ -12,11 +12,11 @@ import random
 import pytest
 import torch
 
-from servinglab.cache import KVCacheSpec, allocate_kv_cache
+from servinglab.model.cache import KVCacheSpec, allocate_kv_cache
 from servinglab.interfaces import ScheduledSequence, SchedulerOutput
-from servinglab.runner import ModelRunner
+from servinglab.engine.runner import ModelRunner
 from servinglab.sequence import Sequence
-from servinglab.weights import random_model, tiny_llama_config, to_transformers
+from servinglab.model.weights import random_model, tiny_llama_config, to_transformers
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 64
@@ -134,7 +134,7 @@ def test_ragged_batch_equals_each_sequence_alone(tiny):
 
 def test_load_model_reads_a_transformers_folder(tiny, tmp_path):
     """Save a transformers model to disk, load it with load_model: same logits."""
-    from servinglab.weights import load_model
+    from servinglab.model.weights import load_model
 
     config, model = tiny
     to_transformers(model).save_pretrained(tmp_path)
@@ -186,8 +186,8 @@ REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a ti
 
 @pytest.mark.slow
 def test_real_model_matches_transformers():
-    from servinglab.model_prep import default_model_dir, is_prepared
-    from servinglab.weights import load_model
+    from servinglab.model.prepare import default_model_dir, is_prepared
+    from servinglab.model.weights import load_model
 
     model_dir = default_model_dir()
     if not is_prepared(model_dir):

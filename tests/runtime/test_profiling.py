@@ -1,14 +1,14 @@
-"""servinglab.profiling: decode steps split by role, engine left idle."""
+"""servinglab.bench.profiling: decode steps split by role, engine left idle."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from servinglab.llm import LLM
-from servinglab.profiling import GROUPS, OTHER, group_of, profile_decode_steps
-from servinglab.sampling import SamplingParams
-from servinglab.weights import random_model, tiny_llama_config
+from servinglab import LLM
+from servinglab.bench.profiling import GROUPS, OTHER, group_of, profile_decode_steps
+from servinglab import SamplingParams
+from servinglab.model.weights import random_model, tiny_llama_config
 
 
 @pytest.fixture

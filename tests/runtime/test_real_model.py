@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from oracle import hf_greedy as hf_greedy_decode
-from servinglab.model_prep import default_model_dir, is_prepared
-from servinglab.sampling import SamplingParams
+from servinglab.model.prepare import default_model_dir, is_prepared
+from servinglab import SamplingParams
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,7 +42,7 @@ def hf_greedy():
 
 
 def lab(**kwargs):
-    from servinglab.llm import LLM
+    from servinglab import LLM
 
     kwargs.setdefault("dtype", "float32")
     return LLM(model=str(default_model_dir()), **kwargs)
@@ -89,9 +89,9 @@ def test_bfloat16_agrees_with_vllm():
     """bf16 rounding differs between kernels, so a near-tie can flip a greedy token; the
     issue's bar is that at least 95% of requests agree on their first 32 tokens."""
     pytest.importorskip("vllm")
-    from servinglab.llm import LLM
-    from servinglab.vllm_oracle import vllm_generate
-    from servinglab.workloads import few_shot_prompts
+    from servinglab import LLM
+    from servinglab.bench.vllm_baseline import vllm_generate
+    from servinglab.bench.workloads import few_shot_prompts
 
     prompts = PROMPTS + few_shot_prompts(12)
     llm = LLM(model=str(default_model_dir()), dtype="bfloat16")

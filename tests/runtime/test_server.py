@@ -17,8 +17,8 @@ import time
 import httpx
 import pytest
 
-from servinglab.bench_serve import ServerProcess, lab_server_command
-from servinglab.model_prep import default_model_dir, is_prepared
+from servinglab.bench.servers import ServerProcess, lab_server_command
+from servinglab.model.prepare import default_model_dir, is_prepared
 
 pytestmark = [
     pytest.mark.slow,

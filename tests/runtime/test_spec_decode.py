@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from servinglab.llm import LLM
-from servinglab.model_prep import default_model_dir, is_prepared
-from servinglab.sampling import SamplingParams
-from servinglab.spec_decode import generate_with_speculation
-from servinglab.weights import random_model, tiny_llama_config, to_transformers
+from servinglab import LLM
+from servinglab.model.prepare import default_model_dir, is_prepared
+from servinglab import SamplingParams
+from servinglab.engine.spec_decode import generate_with_speculation
+from servinglab.model.weights import random_model, tiny_llama_config, to_transformers
 
 MAX_TOKENS = 40
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -174,7 +174,7 @@ def test_draft_with_another_vocabulary_is_refused(tiny):
 @pytest.mark.skipif(not is_prepared(), reason="model not prepared: run `servinglab prepare-model`")
 def test_real_model_ngram_matches_plain_fp32():
     """SmolLM2-135M-Instruct, fp32, chat template: input-grounded edits, greedy, with and without prompt lookup."""
-    from servinglab.bench_spec import GROUNDED, chat_prompts
+    from servinglab.bench.spec_prompts import GROUNDED, chat_prompts
 
     params = SamplingParams(temperature=0.0, max_tokens=48)
     plain = LLM(model=str(default_model_dir()), dtype="float32", max_model_len=512)

@@ -12,8 +12,8 @@ import importlib.util
 import pytest
 
 from servinglab import impl
-from servinglab.bench_serve import ServerProcess, vllm_server_command
-from servinglab.model_prep import default_model_dir, is_prepared
+from servinglab.bench.servers import ServerProcess, vllm_server_command
+from servinglab.model.prepare import default_model_dir, is_prepared
 from test_server import PROMPT, check_openai_client
 
 pytestmark = [

@@ -7,7 +7,7 @@ mapping, through the sequence's block table from Part 2), runs the model once, a
 returns logits only for the sequences whose step reaches their last token, i.e. those
 that sample a token now. A chunk in the middle of a chunked prefill samples nothing.
 
-Speculative decoding (:mod:`servinglab.spec_decode`) appends ``d`` draft tokens to a
+Speculative decoding (:mod:`servinglab.engine.spec_decode`) appends ``d`` draft tokens to a
 decoding sequence before scheduling, so the step computes ``1 + d`` tokens for it; the
 runner then returns one logits row per position from the last real token on, so the
 target's distributions at every draft position come out of the same forward pass.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from servinglab.interfaces import AttentionMetadata, SchedulerOutput
-from servinglab.model import KVCache, LlamaForCausalLM
+from servinglab.model.llama import KVCache, LlamaForCausalLM
 from servinglab.sequence import Sequence
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from servinglab.model import LlamaForCausalLM
+from servinglab.model.llama import LlamaForCausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|gate|up)_proj\.(weight|bias)$")
 _STACKS = {"self_attn": ("qkv_proj", ("q", "k", "v")), "mlp": ("gate_up_proj", ("gate", "up"))}

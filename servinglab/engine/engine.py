@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from servinglab.cache import KVCacheSpec, allocate_kv_cache
-from servinglab.config import EngineConfig
+from servinglab.model.cache import KVCacheSpec, allocate_kv_cache
+from servinglab.engine.config import EngineConfig
 from servinglab.impl import load_part
 from servinglab.interfaces import SchedulerOutput
-from servinglab.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from servinglab.runner import ModelRunner
-from servinglab.sampling import SamplingParams, make_generator, sample
+from servinglab.engine.output_processor import OutputProcessor
+from servinglab.engine.outputs import RequestMetrics, RequestOutput
+from servinglab.engine.stall import raise_if_stalled
+from servinglab.engine.runner import ModelRunner
+from servinglab.engine.sampling import SamplingParams, make_generator, sample
 from servinglab.sequence import Sequence, SequenceStatus
 
 
@@ -39,7 +41,9 @@ class StepRecord:
 
 
 @dataclass
-class _Request:
+class RequestState:
+    """The engine's record of one request: its sequences (completion i is ``seqs[i]``), generators, metrics."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -58,7 +62,7 @@ class LLMEngine:
     """Continuous-batching engine over a paged KV cache (vLLM's ``LLMEngine`` in miniature)."""
 
     def __init__(self, config: EngineConfig, model: torch.nn.Module | None = None, hf_config=None, tokenizer=None) -> None:
-        from servinglab import weights
+        from servinglab.model import weights
 
         self.config = config
         self.device = config.torch_device
@@ -75,7 +79,7 @@ class LLMEngine:
         else:
             model = model.to(device=self.device)  # a ready model may come from the CPU
         if self.device.type == "cpu" and hasattr(model, "prepack_cpu_weights"):
-            model.prepack_cpu_weights(config.cpu_gemm)  # bf16/fp16 oneDNN weight packing (servinglab.cpu_gemm)
+            model.prepack_cpu_weights(config.cpu_gemm)  # bf16/fp16 oneDNN weight packing (servinglab.model.cpu_gemm)
         self.model, self.hf_config, self.tokenizer = model, hf_config, tokenizer
         limit = getattr(hf_config, "max_position_embeddings", 2048)
         self.max_model_len = config.max_model_len or min(limit, 2048)
@@ -83,6 +87,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len ({self.max_model_len}) must be <= the model's max_position_embeddings ({limit})")
         eos = getattr(hf_config, "eos_token_id", None)
         self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
 
         self.kv_spec = KVCacheSpec.from_hf_config(hf_config)
         bytes_per_block = 2 * self.kv_spec.num_layers * self.kv_spec.num_kv_heads * self.kv_spec.head_dim
@@ -102,13 +107,13 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device)
-        self.spec_decoder = None  # speculative decoding (servinglab.spec_decode), when configured
+        self.spec_decoder = None  # speculative decoding (servinglab.engine.spec_decode), when configured
         if config.speculative_config is not None:
-            from servinglab.spec_decode import SpeculativeDecoder
+            from servinglab.engine.spec_decode import SpeculativeDecoder
 
             self.spec_decoder = SpeculativeDecoder(config.speculative_config, self)
-        self.requests: dict[str, _Request] = {}
-        self._seq_to_request: dict[int, _Request] = {}
+        self.requests: dict[str, RequestState] = {}
+        self._seq_to_request: dict[int, RequestState] = {}
         self._ids = itertools.count()
         self.step_log: list[StepRecord] = []
         self.record_steps = False
@@ -156,7 +161,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         now = time.perf_counter()
-        req = _Request(request_id, text, ids, params, RequestMetrics(arrival_time if arrival_time is not None else now), stream)
+        req = RequestState(request_id, text, ids, params, RequestMetrics(arrival_time if arrival_time is not None else now), stream)
         seq = Sequence(list(ids), request_id=request_id, sampling_params=params, arrival_time=req.metrics.arrival_time)
         req.seqs.append(seq)
         req.generators[seq.seq_id] = make_generator(params, 0, self.device)
@@ -179,6 +184,17 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    # ------------------------------------------------ hooks for step implementations
+    # The plain step below and speculative decoding (spec_decode.py) both commit tokens
+    # through these public methods, so neither reaches into the other's private state.
+    def request_of(self, seq: Sequence) -> RequestState:
+        """The request a live sequence belongs to."""
+        return self._seq_to_request[seq.seq_id]
+
+    def generator_of(self, seq: Sequence) -> torch.Generator | None:
+        """The sequence's seeded random generator (``None`` for unseeded sampling)."""
+        return self._seq_to_request[seq.seq_id].generators.get(seq.seq_id)
+
     # ---------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return outputs of requests that progressed (finished ones last time)."""
@@ -187,8 +203,7 @@ class LLMEngine:
         start = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
-            if self.scheduler.has_unfinished() and not self.scheduler.running:
-                raise RuntimeError("the scheduler has waiting requests but scheduled nothing with an empty batch")
+            raise_if_stalled(self.scheduler, self.block_manager)
             return []
         was_prefill = [s.seq.is_prefill for s in out.scheduled]
         seqs, logits = self.runner.execute(out, self.block_manager.block_tables)
@@ -197,22 +212,22 @@ class LLMEngine:
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
         now = time.perf_counter()
-        touched: dict[str, _Request] = {}
+        touched: dict[str, RequestState] = {}
         params = [s.sampling_params for s in seqs]
-        gens = [self._seq_to_request[s.seq_id].generators.get(s.seq_id) for s in seqs]
+        gens = [self.generator_of(s) for s in seqs]
         tokens = sample(logits, params, gens)
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
             req = self._seq_to_request[seq.seq_id]
             touched[req.request_id] = req
-            self._append_token(req, seq, token, now)
+            self.append_token(req, seq, token, now)
             if len(req.seqs) < req.params.n and seq is req.seqs[0]:
-                self._fork_children(req, seq, logits[row : row + 1], now)
+                self.fork_children(req, seq, logits[row : row + 1], now)
         self.num_steps += 1
         if self.record_steps:
-            self._log_step(start, out, was_prefill)
-        return [self._output(req) for req in touched.values() if req.stream or req.finished]
+            self.log_step(start, out, was_prefill)
+        return [self.request_output(req) for req in touched.values() if req.stream or req.finished]
 
-    def _log_step(self, start: float, out: SchedulerOutput, was_prefill: list[bool]) -> None:
+    def log_step(self, start: float, out: SchedulerOutput, was_prefill: list[bool]) -> None:
         """Append this step's :class:`StepRecord` to ``step_log``."""
         stats = self.block_manager.get_stats()
         self.step_log.append(StepRecord(
@@ -221,7 +236,7 @@ class LLMEngine:
             [s.seq_id for s in out.preempted], stats.usage, len(self.scheduler.waiting),
         ))
 
-    def _fork_children(self, req: _Request, parent: Sequence, logits_row: torch.Tensor, now: float) -> None:
+    def fork_children(self, req: RequestState, parent: Sequence, logits_row: torch.Tensor, now: float) -> None:
         """Parallel sampling: the other n-1 completions share the prompt's blocks (copy-on-write)."""
         for index in range(1, req.params.n):
             child = Sequence(list(req.prompt_token_ids), request_id=req.request_id, sampling_params=req.params, arrival_time=parent.arrival_time)
@@ -232,9 +247,10 @@ class LLMEngine:
             self._seq_to_request[child.seq_id] = req
             self.scheduler.fork_sequence(parent, child)
             token = sample(logits_row, [req.params], [req.generators[child.seq_id]])[0]
-            self._append_token(req, child, token, now)
+            self.append_token(req, child, token, now)
 
-    def _append_token(self, req: _Request, seq: Sequence, token: int, now: float) -> None:
+    def append_token(self, req: RequestState, seq: Sequence, token: int, now: float) -> None:
+        """Commit one sampled token: timestamps, metrics, and the stop check (a finished sequence frees its blocks)."""
         seq.output_token_ids.append(token)
         seq.token_times.append(now)
         if seq.first_token_time is None:
@@ -244,45 +260,13 @@ class LLMEngine:
             m.first_token_time, m.first_scheduled_time = now, seq.first_scheduled_time
         if seq is req.seqs[0]:
             m.token_times.append(now)
-        reason = self._stop_reason(seq)
+        reason = self.output_processor.stop_reason(seq)
         if reason is not None:
             seq.status, seq.finish_time = reason, now
             self.scheduler.finish_sequence(seq)
 
-    def _stop_reason(self, seq: Sequence) -> SequenceStatus | None:
-        p: SamplingParams = seq.sampling_params
-        n_out = len(seq.output_token_ids)
-        last = seq.output_token_ids[-1]
-        if n_out >= p.min_tokens:
-            if (not p.ignore_eos and last in self.eos_token_ids) or last in p.stop_token_ids:
-                return SequenceStatus.FINISHED_STOPPED
-            if p.stop and self._find_stop(seq) is not None:
-                return SequenceStatus.FINISHED_STOPPED
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
-            return SequenceStatus.FINISHED_LENGTH
-        return None
-
-    def _find_stop(self, seq: Sequence) -> tuple[int, str] | None:
-        """Earliest stop string in the decoded output: (char index, the string)."""
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.sampling_params.skip_special_tokens)
-        hits = [(text.find(s), s) for s in seq.sampling_params.stop if s in text]
-        return min(hits) if hits else None
-
-    def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
-        p: SamplingParams = seq.sampling_params
-        ids = list(seq.output_token_ids)
-        stop_reason: int | str | None = None
-        text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens) if self.tokenizer is not None else ""
-        if seq.status is SequenceStatus.FINISHED_STOPPED:
-            found = self._find_stop(seq) if p.stop else None
-            if found is not None:
-                text, stop_reason = text[: found[0]], found[1]
-            elif ids and (ids[-1] in p.stop_token_ids or ids[-1] in self.eos_token_ids):
-                stop_reason = ids[-1]
-        reason = seq.status.value if seq.is_finished else None
-        return CompletionOutput(index, text, ids, reason, stop_reason)
-
-    def _output(self, req: _Request) -> RequestOutput:
+    def request_output(self, req: RequestState) -> RequestOutput:
+        """The request's snapshot; a finished request also leaves the engine's tables."""
         finished = req.finished
         if finished:
             req.metrics.finished_time = max(s.finish_time or 0.0 for s in req.seqs)
@@ -291,5 +275,5 @@ class LLMEngine:
             self.requests.pop(req.request_id, None)
             for s in req.seqs:
                 self._seq_to_request.pop(s.seq_id, None)
-        outs = [self._completion(i, s) for i, s in enumerate(req.seqs)]
+        outs = [self.output_processor.completion(i, s) for i, s in enumerate(req.seqs)]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.metrics)

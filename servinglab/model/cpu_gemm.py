@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from servinglab.config import CPU_GEMM_MODES
 
 ENV_VAR = "SERVINGLAB_CPU_GEMM"
+# Kernel choices for bf16/fp16 matrix products on a CPU (EngineConfig.cpu_gemm validates against these).
+CPU_GEMM_MODES: tuple[str, ...] = ("auto", "onednn", "torch")
 MODES = CPU_GEMM_MODES
 # The batch size oneDNN tunes the packed layout for: a full decode batch of the
 # throughput workload (any number of rows still works; 16 and 256 measured 4-5% slower).

@@ -7,10 +7,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from servinglab.config import EngineConfig
-from servinglab.engine import LLMEngine
-from servinglab.outputs import RequestOutput
-from servinglab.sampling import SamplingParams
+from servinglab.engine.config import EngineConfig
+from servinglab.engine.engine import LLMEngine
+from servinglab.engine.outputs import RequestOutput
+from servinglab.engine.sampling import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
 

@@ -48,7 +48,7 @@ def run_doctor(with_vllm: bool = True) -> int:
         return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cuda}"
 
     def vllm_check() -> str:
-        from servinglab.vllm_oracle import vllm_build
+        from servinglab.bench.vllm_baseline import vllm_build
 
         build = vllm_build()
         if build is None:
@@ -57,7 +57,7 @@ def run_doctor(with_vllm: bool = True) -> int:
         return build
 
     def model_check() -> str:
-        from servinglab.model_prep import require_model
+        from servinglab.model.prepare import require_model
 
         facts["model_dir"] = str(require_model())
         return facts["model_dir"]
@@ -72,7 +72,7 @@ def run_doctor(with_vllm: bool = True) -> int:
         return repr(PROMPT + tok.decode(facts["hf"]))
 
     def vllm_gen_check() -> str:
-        from servinglab.vllm_oracle import vllm_generate
+        from servinglab.bench.vllm_baseline import vllm_generate
 
         res = vllm_generate(facts["model_dir"], [facts["prompt_ids"]], {"max_tokens": NUM_TOKENS, "temperature": 0.0})
         facts["vllm"] = res["token_ids"][0]

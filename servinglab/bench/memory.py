@@ -67,7 +67,7 @@ def simulate_memory(lengths: list[tuple[int, int]], block_size: int, pool_slots:
 
 def run_memory(num_requests: int = 200, max_model_len: int = 2048, pool_slots: int = 32768, block_size: int = 16, seed: int = 0) -> list[MemoryRun]:
     """Paged vs contiguous on the same trace and the same number of KV slots."""
-    from servinglab.workloads import sharegpt_like_lengths
+    from servinglab.bench.workloads import sharegpt_like_lengths
 
     lengths = sharegpt_like_lengths(num_requests, seed=seed, max_len=max_model_len)
     runs = [simulate_memory(lengths, block_size, pool_slots), simulate_memory(lengths, max_model_len, pool_slots)]
@@ -95,9 +95,9 @@ class PrefixRun:
 
 def run_prefix(model_dir: str, num_requests: int = 32, max_tokens: int = 8, dtype: str = "bfloat16") -> list[PrefixRun]:
     """The shared few-shot prefix workload with the prefix cache off, then on."""
-    from servinglab.llm import LLM
-    from servinglab.sampling import SamplingParams
-    from servinglab.workloads import few_shot_prompts
+    from servinglab.engine.llm import LLM
+    from servinglab.engine.sampling import SamplingParams
+    from servinglab.bench.workloads import few_shot_prompts
 
     prompts = few_shot_prompts(num_requests)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 
-from servinglab import cpu_gemm, impl
+from servinglab import impl
+from servinglab.model import cpu_gemm
 from servinglab.interfaces import AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -197,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
         """Pre-pack the matrix-product weights for oneDNN (bfloat16/float16 on a CPU).
 
         Call it after the weights are loaded; it is a no-op elsewhere. See
-        :mod:`servinglab.cpu_gemm` for the kernels and why they are faster.
+        :mod:`servinglab.model.cpu_gemm` for the kernels and why they are faster.
 
         Args:
             mode: ``auto``, ``onednn`` or ``torch`` (``None``: ``SERVINGLAB_CPU_GEMM``).

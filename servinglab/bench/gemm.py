@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from servinglab import cpu_gemm
+from servinglab.model import cpu_gemm
 
 
 def model_shapes(hf_config) -> dict[str, tuple[int, int]]:

@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from servinglab.engine import LLMEngine
-from servinglab.outputs import RequestOutput
-from servinglab.sampling import SamplingParams
+from servinglab.engine.engine import LLMEngine
+from servinglab.engine.outputs import RequestOutput
+from servinglab.engine.sampling import SamplingParams
 
 
 class SimpleContinuousBatching:

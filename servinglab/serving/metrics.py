@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from servinglab.engine import LLMEngine
-    from servinglab.outputs import RequestOutput
+    from servinglab.engine.engine import LLMEngine
+    from servinglab.engine.outputs import RequestOutput
 
 # Bucket edges in seconds, close to vLLM's, stretched for a CPU where a step can take a second.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)

@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from servinglab.outputs import CompletionOutput
+from servinglab.engine.outputs import CompletionOutput
 
 ERROR_TYPES = {
     400: "BadRequestError",

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from servinglab.workloads import Request
+from servinglab.bench.workloads import Request
 
 
 @dataclass
@@ -36,8 +36,8 @@ class ThroughputResult:
 
 def bench_lab(model_dir: str, workload: list[Request], dtype: str = "bfloat16", name: str = "lab engine", **engine_kwargs) -> ThroughputResult:
     """The lab engine (``servinglab.llm.LLM``) on the workload; ``engine_kwargs`` go to ``LLM``."""
-    from servinglab.llm import LLM
-    from servinglab.sampling import SamplingParams
+    from servinglab.engine.llm import LLM
+    from servinglab.engine.sampling import SamplingParams
 
     llm = LLM(model=model_dir, dtype=dtype, **engine_kwargs)
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
@@ -52,7 +52,7 @@ def bench_lab(model_dir: str, workload: list[Request], dtype: str = "bfloat16", 
 
 def bench_vllm(model_dir: str, workload: list[Request], dtype: str = "bfloat16") -> ThroughputResult:
     """Real vLLM (offline ``LLM.generate``, enforce_eager) in a child process."""
-    from servinglab.vllm_oracle import vllm_generate
+    from servinglab.bench.vllm_baseline import vllm_generate
 
     sampling = [{"temperature": 0.0, "max_tokens": r.output_len, "ignore_eos": True} for r in workload]
     res = vllm_generate(model_dir, [r.prompt_token_ids for r in workload], sampling, {"dtype": dtype})
@@ -111,7 +111,7 @@ def run_throughput(
     """Run the chosen systems on one workload; print and save the table (and a bar chart).
 
     ``lab_cpu_gemm`` lists the CPU matrix-product strategies to run the lab engine with
-    (:mod:`servinglab.cpu_gemm`); more than one gives one lab row each, an ablation.
+    (:mod:`servinglab.model.cpu_gemm`); more than one gives one lab row each, an ablation.
     """
     def lab_runner(mode: str):
         name = "lab engine" if len(lab_cpu_gemm) == 1 else f"lab engine, cpu_gemm={mode}"

@@ -3,7 +3,7 @@
 vLLM's CPU worker binds threads and keeps global state, so the lab never imports it into
 a process that also times other torch code (see the facts file of the project): this
 module is both the library call (:func:`vllm_generate`) and the child's entry point
-(``python -m servinglab.vllm_oracle IN.json OUT.json``).
+(``python -m servinglab.bench.vllm_baseline IN.json OUT.json``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def vllm_generate(
         src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
         src.write_text(json.dumps({"model": str(model_dir), "prompts": prompt_token_ids, "sampling": sampling, "engine": engine}))
         proc = subprocess.run(
-            [sys.executable, "-m", "servinglab.vllm_oracle", str(src), str(dst)],
+            [sys.executable, "-m", "servinglab.bench.vllm_baseline", str(src), str(dst)],
             env=vllm_env(), capture_output=True, text=True, timeout=timeout_s,
         )
         if proc.returncode != 0 or not dst.exists():

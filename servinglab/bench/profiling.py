@@ -2,7 +2,7 @@
 
 Used by notebook 04 and handy in a shell::
 
-    from servinglab.profiling import profile_decode_steps
+    from servinglab.bench.profiling import profile_decode_steps
     profile_decode_steps(llm.engine, prompts, steps=4)
 
 The groups follow a decode step's anatomy: the matrix products of the projections, MLP
@@ -18,7 +18,7 @@ from collections.abc import Sequence as Seq
 
 from torch.profiler import ProfilerActivity, profile
 
-from servinglab.sampling import SamplingParams
+from servinglab.engine.sampling import SamplingParams
 
 # Op names (self time, so nested ops are not counted twice) and the group they belong to.
 GROUPS: dict[str, tuple[str, ...]] = {

@@ -6,140 +6,31 @@ Routes mirror vLLM's OpenAI server: ``POST /v1/completions`` and ``/v1/chat/comp
 :class:`~servinglab.async_engine.SimpleContinuousBatching`; past ``max_pending`` queued
 requests the server answers 429 instead of queueing without bound.
 
-Every engine request is driven by its own asyncio task (:class:`Jobs`), not by the HTTP
-handler: when a client disconnects, the framework cancels the handler in a way that would
-also cancel any clean-up it awaits, so the handler only *cancels the task*, and the task's
-own clean-up (abort the request, free its blocks) runs to the end.
+The routes and request checks live here; driving the engine requests and streaming them
+out (``Jobs``, SSE) live in :mod:`servinglab.serving.streaming`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import json
 import os
-import time
 import uuid
 from pathlib import Path
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from servinglab import protocol as P
-from servinglab.metrics import ServerMetrics
-from servinglab.outputs import RequestOutput
+from servinglab.serving import protocol as P
+from servinglab.serving.streaming import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PENDING, ServerState, sse_response, start_jobs, stream_chunks
+from servinglab.engine.outputs import RequestOutput
 
 if TYPE_CHECKING:  # torch-heavy modules load only when a server starts, not for `servinglab --help`
-    from servinglab.async_engine import SimpleContinuousBatching
-    from servinglab.sampling import SamplingParams
+    from servinglab.engine.sampling import SamplingParams
 
-DEFAULT_MAX_PENDING = 1000
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits max_model_len
 API_KEY_ENV = "SERVINGLAB_API_KEY"
-
-
-@dataclass
-class ServerState:
-    """What the routes share: the engine front, limits and metrics."""
-
-    front: SimpleContinuousBatching
-    model_name: str
-    api_key: str | None = None
-    max_pending: int = DEFAULT_MAX_PENDING
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    metrics: ServerMetrics = field(init=False)
-    admitting: int = 0  # requests handed to the engine whose add_request has not returned yet
-    tasks: set[asyncio.Task] = field(default_factory=set)  # strong refs: the loop keeps only weak ones
-
-    def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(self.model_name)
-
-    @property
-    def engine(self):
-        return self.front.engine
-
-    def num_pending(self) -> int:
-        """Requests queued but not yet running (the bounded queue)."""
-        return len(self.engine.scheduler.waiting) + self.admitting
-
-
-class Jobs:
-    """The engine requests of one HTTP request (one per prompt), merged into one output queue."""
-
-    def __init__(self, state: ServerState, prompts: list[list[int]], params: list[SamplingParams], rid: str) -> None:
-        self.state, self.n = state, len(prompts)
-        self.queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self.admitted = [loop.create_future() for _ in prompts]
-        state.admitting += len(prompts)
-        self.tasks = [loop.create_task(self._pump(i, p, sp, f"{rid}-{i}")) for i, (p, sp) in enumerate(zip(prompts, params))]
-        for task in self.tasks:
-            state.tasks.add(task)
-            task.add_done_callback(state.tasks.discard)
-
-    async def _pump(self, index: int, prompt: list[int], params: SamplingParams, rid: str) -> None:
-        state, finished, admitted = self.state, False, self.admitted[index]
-        try:
-            stream = await state.front.add_request(prompt, params, rid)
-        except Exception as exc:  # the engine refused it (ValueError): the handler answers 400
-            if not admitted.done():
-                admitted.set_exception(exc)
-            return
-        finally:
-            state.admitting -= 1
-        if not admitted.done():
-            admitted.set_result(None)
-        try:
-            async for out in stream:
-                if out.finished:
-                    finished = True
-                    state.metrics.observe_finished(out)
-                self.queue.put_nowait((index, out))
-        except Exception as exc:  # an engine failure: report it to the handler, keep serving
-            self.queue.put_nowait((index, exc))
-        finally:
-            if not finished:
-                state.metrics.observe_aborted(params.n)
-
-    async def wait_admitted(self) -> None:
-        """Raise the first admission error (a ``ValueError`` from the engine), cancelling the rest."""
-        results = await asyncio.gather(*self.admitted, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            self.cancel()
-            raise errors[0]
-
-    async def outputs(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Yield ``(prompt index, snapshot)`` until every prompt finished; check ``disconnected``
-        about twice a second (a non-streaming client that went away stops its requests)."""
-        done, next_check = 0, time.monotonic() + 0.5
-        while done < self.n:
-            try:
-                index, item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-            except TimeoutError:
-                index, item = -1, None
-            if disconnected is not None and time.monotonic() >= next_check:
-                next_check = time.monotonic() + 0.5
-                if await disconnected():
-                    self.cancel()
-                    return
-            if item is None:
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            done += item.finished
-            yield index, item
-
-    def cancel(self) -> None:
-        """Abort every unfinished request: the tasks' clean-up frees their KV blocks."""
-        for task in self.tasks:
-            task.cancel()
 
 
 def _plan(state: ServerState, req: P.SamplingFields, prompts: list[list[int]], max_tokens: int | None, what: str) -> list[SamplingParams]:
@@ -148,7 +39,7 @@ def _plan(state: ServerState, req: P.SamplingFields, prompts: list[list[int]], m
         raise P.APIError(400, f"{bad} is not supported by the lab server", bad)
     if req.model != state.model_name:
         raise P.APIError(404, f"The model `{req.model}` does not exist.", "model")
-    from servinglab.sampling import SamplingParams
+    from servinglab.engine.sampling import SamplingParams
 
     limit, params = state.engine.max_model_len, []
     for ids in prompts:
@@ -167,69 +58,15 @@ def _plan(state: ServerState, req: P.SamplingFields, prompts: list[list[int]], m
     return params
 
 
-async def _start(state: ServerState, prompts: list[list[int]], params: list[SamplingParams], rid: str) -> Jobs:
-    if state.num_pending() + len(prompts) > state.max_pending:
-        raise P.APIError(429, f"the server's queue is full ({state.max_pending} pending requests): retry later")
-    jobs = Jobs(state, prompts, params, rid)
-    try:
-        await jobs.wait_admitted()
-    except ValueError as exc:
-        raise P.APIError(400, str(exc), P.param_of(str(exc), set())) from None
-    except BaseException:  # the handler itself was cancelled (client gone): do not leave orphans running
-        jobs.cancel()
-        raise
-    return jobs
-
-
-def _sse(chunks: AsyncIterator[dict], jobs: Jobs) -> EventSourceResponse:
-    """Serialize chunks as SSE events; an engine error becomes an error event; always end with [DONE]."""
-
-    async def events() -> AsyncIterator[dict]:
-        try:
-            async for chunk in chunks:
-                yield {"data": json.dumps(chunk)}
-        except Exception as exc:
-            yield {"data": json.dumps(P.APIError(500, f"engine error: {exc}").body())}
-        finally:
-            jobs.cancel()  # no-op for finished requests; aborts them if the client went away
-        yield {"data": "[DONE]"}
-
-    return EventSourceResponse(events(), sep="\n")
-
-
-async def _stream_chunks(jobs: Jobs, rid: str, model: str, n: int, chat: bool, include_usage: bool, hold: int) -> AsyncIterator[dict]:
-    """OpenAI chunks from engine snapshots: text deltas per choice, a final usage chunk if asked."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    sent: dict[int, str] = {}
-    prompt_tokens: dict[int, int] = {}
-    completion_tokens: dict[int, int] = {}
-    async for index, out in jobs.outputs():
-        prompt_tokens[index] = len(out.prompt_token_ids)
-        for c in out.outputs:
-            choice = index * n + c.index
-            completion_tokens[choice] = len(c.token_ids)
-            if chat and choice not in sent:
-                yield P.envelope(rid, kind, model, [P.chat_delta(choice, {"role": "assistant", "content": ""})])
-            before = sent.get(choice, "")
-            delta = P.text_delta(before, c.text, c.finished, hold)
-            sent[choice] = before + delta
-            if delta or c.finished:
-                body = P.chat_delta(choice, {"content": delta} if delta else {}, c.finish_reason) if chat else \
-                    P.completion_choice(choice, delta, c.finish_reason, c.stop_reason)
-                yield P.envelope(rid, kind, model, [body])
-    if include_usage:
-        yield P.envelope(rid, kind, model, [], usage=P.usage(sum(prompt_tokens.values()), sum(completion_tokens.values())))
-
-
 async def _respond(state: ServerState, request: Request, req: P.SamplingFields, prompts: list[list[int]], max_tokens: int | None, chat: bool) -> Response:
     what = "messages" if chat else "prompt"
     params = _plan(state, req, prompts, max_tokens, what)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    jobs = await _start(state, prompts, params, rid)
+    jobs = await start_jobs(state, prompts, params, rid)
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)
         hold = max((len(s) for s in params[0].stop), default=1) - 1
-        return _sse(_stream_chunks(jobs, rid, req.model, req.n, chat, include, hold), jobs)
+        return sse_response(stream_chunks(jobs, rid, req.model, req.n, chat, include, hold), jobs)
     final: dict[int, RequestOutput] = {}
     try:
         async for index, out in jobs.outputs(request.is_disconnected):
@@ -344,10 +181,10 @@ def serve(args: argparse.Namespace) -> int:
 
     prometheus_client.disable_created_metrics()  # no `*_created` series, as vLLM's server (process-wide)
 
-    from servinglab.async_engine import SimpleContinuousBatching
-    from servinglab.config import EngineConfig
-    from servinglab.engine import LLMEngine
-    from servinglab.model_prep import require_model
+    from servinglab.engine.async_engine import SimpleContinuousBatching
+    from servinglab.engine.config import EngineConfig
+    from servinglab.engine.engine import LLMEngine
+    from servinglab.model.prepare import require_model
 
     for name in ("port", "max_pending", "max_body_bytes"):
         if getattr(args, name) < 1:

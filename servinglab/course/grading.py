@@ -20,7 +20,7 @@ import pytest
 
 from servinglab.impl import IMPLS, PARTS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GRADED_DIR = ROOT / "tests" / "graded"
 
 

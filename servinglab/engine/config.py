@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 
+from servinglab.model.cpu_gemm import CPU_GEMM_MODES
+
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
-CPU_GEMM_MODES = ("auto", "onednn", "torch")  # servinglab.cpu_gemm
 
 
 @dataclass
@@ -35,7 +36,7 @@ class EngineConfig:
         cpu_gemm: matrix-product kernels for bfloat16/float16 on a CPU: ``auto`` (packed
             oneDNN weights, float32 sgemm for big batches without AMX), ``onednn`` (packed
             only) or ``torch`` (plain ``F.linear``); ``None`` reads ``SERVINGLAB_CPU_GEMM``,
-            default ``auto``. See :mod:`servinglab.cpu_gemm`.
+            default ``auto``. See :mod:`servinglab.model.cpu_gemm`.
     """
 
     model: str | None = None

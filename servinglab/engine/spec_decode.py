@@ -25,121 +25,23 @@ import collections
 import itertools
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from servinglab.draft_model import cached_logits_fn
+from servinglab.engine.draft_model import cached_logits_fn
+from servinglab.engine.spec_config import SpecDecodeStats, SpeculativeConfig
+from servinglab.engine.stall import raise_if_stalled
 from servinglab.impl import load_part
-from servinglab.sampling import SamplingParams, probabilities, sample
+from servinglab.engine.sampling import SamplingParams, probabilities, sample
 from servinglab.sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
-    from servinglab.engine import LLMEngine
-    from servinglab.outputs import RequestOutput
+    from servinglab.engine.engine import LLMEngine, RequestState
+    from servinglab.engine.outputs import RequestOutput
 
-METHODS = ("ngram", "draft")
-_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "draft_num_layers", "model")
 _KEEP_STATS = 4096  # finished requests whose counters stay readable (a server must not grow forever)
-
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    """A validated ``speculative_config`` (vLLM's dict shape).
-
-    Attributes:
-        method: ``ngram`` (prompt lookup) or ``draft`` (an early exit of the target, or ``model``).
-        num_speculative_tokens: ``k``, the most drafts verified per sequence per step.
-        prompt_lookup_min, prompt_lookup_max: n-gram sizes the ``ngram`` proposer tries.
-        draft_num_layers: layers of the early-exit draft (default: a quarter of the target's).
-        model: a separate draft: a Hugging Face folder or a transformers causal LM (``draft`` only).
-    """
-
-    method: str
-    num_speculative_tokens: int
-    prompt_lookup_min: int = 1
-    prompt_lookup_max: int = 3
-    draft_num_layers: int | None = None
-    model: Any = None
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> SpeculativeConfig:
-        """Check every key and value; raise ``ValueError`` naming the offending key."""
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"speculative_config must be a dict, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(_KEYS))
-        if unknown:
-            raise ValueError(f"speculative_config has unknown keys {unknown}; allowed: {list(_KEYS)}")
-        if raw.get("method") not in METHODS:
-            raise ValueError(f"speculative_config['method'] must be one of {METHODS}, got {raw.get('method')!r}")
-        if "num_speculative_tokens" not in raw:
-            raise ValueError("speculative_config['num_speculative_tokens'] (k, drafts per step) is required")
-        cfg = cls(**dict(raw))
-        for key in ("num_speculative_tokens", "prompt_lookup_min"):
-            value = getattr(cfg, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"speculative_config['{key}'] must be an integer >= 1, got {value!r}")
-        if not isinstance(cfg.prompt_lookup_max, int) or cfg.prompt_lookup_max < cfg.prompt_lookup_min:
-            raise ValueError(f"speculative_config['prompt_lookup_max'] must be an integer >= prompt_lookup_min "
-                             f"({cfg.prompt_lookup_min}), got {cfg.prompt_lookup_max!r}")
-        if cfg.method != "draft" and (cfg.model is not None or cfg.draft_num_layers is not None):
-            raise ValueError("speculative_config['model'] and ['draft_num_layers'] need method 'draft'")
-        return cfg
-
-
-@dataclass
-class SpecDecodeStats:
-    """vLLM's spec-decode counters (``vllm:spec_decode_num_drafts`` and friends), plus target passes.
-
-    ``num_steps`` counts target passes of decoding sequences (with or without drafts) and
-    ``num_emitted_tokens`` the tokens those passes produced, so ``mean_tokens_per_step`` is
-    the measured counterpart of Leviathan's ``(1 - a^(k+1)) / (1 - a)``.
-    """
-
-    num_speculative_tokens: int
-    num_drafts: int = 0  # verifications with at least one draft
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    num_steps: int = 0
-    num_emitted_tokens: int = 0
-    drafts_per_pos: list[int] = field(init=False)  # verified drafts at position 1..k
-    accepted_per_pos: list[int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.drafts_per_pos, self.accepted_per_pos = [0] * self.num_speculative_tokens, [0] * self.num_speculative_tokens
-
-    def record(self, num_verified: int, num_accepted: int, num_emitted: int) -> None:
-        """One target pass of one sequence that verified ``num_verified`` drafts."""
-        self.num_steps += 1
-        self.num_emitted_tokens += num_emitted
-        if num_verified:
-            self.num_drafts += 1
-            self.num_draft_tokens += num_verified
-            self.num_accepted_tokens += num_accepted
-            for i in range(num_verified):
-                self.drafts_per_pos[i] += 1
-                self.accepted_per_pos[i] += i < num_accepted
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted drafts / verified drafts (vLLM's draft acceptance rate)."""
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
-
-    @property
-    def acceptance_by_position(self) -> list[float]:
-        """Share of drafts at position ``i + 1`` that were accepted; one needs all before it accepted too."""
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_pos, self.drafts_per_pos)]
-
-    @property
-    def mean_tokens_per_step(self) -> float:
-        """Tokens emitted per target pass of a decoding sequence (1.0 without speculation)."""
-        return self.num_emitted_tokens / self.num_steps if self.num_steps else 0.0
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        """vLLM's mean acceptance length: 1 + accepted drafts per verification."""
-        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
 
 
 @dataclass
@@ -180,8 +82,8 @@ class SpeculativeDecoder:
                 raise ValueError(f"speculative_config['model'] has vocab_size {vocab}, the target has {target_vocab}: "
                                  "rejection sampling compares the two distributions token by token")
             return draft.eval()
-        from servinglab.draft_model import build_draft_model
-        from servinglab.weights import to_transformers  # imported here: only the draft method needs it
+        from servinglab.engine.draft_model import build_draft_model
+        from servinglab.model.weights import to_transformers  # imported here: only the draft method needs it
 
         total = engine.hf_config.num_hidden_layers
         layers = cfg.draft_num_layers if cfg.draft_num_layers is not None else max(1, total // 4)
@@ -220,7 +122,7 @@ class SpeculativeDecoder:
             else:  # one draft KV cache per sequence, rolled back to the common prefix on each call
                 if seq.seq_id not in self._draft_lms:
                     self._draft_lms[seq.seq_id] = self.spec.DraftModelProposer(cached_logits_fn(self.draft_model), self.k)
-                gen = engine._seq_to_request[seq.seq_id].generators.get(seq.seq_id)
+                gen = engine.generator_of(seq)
                 tokens, probs = self._draft_lms[seq.seq_id].propose_with_probs(seq.token_ids, p, gen, num_tokens=room)
             if not tokens:
                 continue
@@ -274,8 +176,7 @@ class SpeculativeDecoder:
             raise
         if out.is_empty:
             self._strip(drafts)
-            if engine.scheduler.has_unfinished() and not engine.scheduler.running:
-                raise RuntimeError("the scheduler has waiting requests but scheduled nothing with an empty batch")
+            raise_if_stalled(engine.scheduler, engine.block_manager)
             return []
         was_prefill = [s.seq.seq_id not in drafts and s.seq.is_prefill for s in out.scheduled]
         bm = engine.block_manager
@@ -286,24 +187,23 @@ class SpeculativeDecoder:
                 bm.cache_blocks(item.seq.seq_id, item.seq.token_ids, item.seq.num_computed_tokens)
         self._strip(drafts)
         now = time.perf_counter()
-        requests = engine._seq_to_request
         row_start = list(itertools.accumulate(num_logits, initial=0))
         plain = [i for i, n in enumerate(num_logits) if n == 1]
         spec = [i for i, n in enumerate(num_logits) if n > 1]
         emitted: dict[int, tuple[list[int], int, int]] = {}  # index -> (tokens, drafts verified, accepted)
         if plain:
             rows = [row_start[i] for i in plain]
-            gens = [requests[seqs[i].seq_id].generators.get(seqs[i].seq_id) for i in plain]
+            gens = [engine.generator_of(seqs[i]) for i in plain]
             tokens = sample(logits[rows], [seqs[i].sampling_params for i in plain], gens)
             emitted.update({i: ([t], 0, 0) for i, t in zip(plain, tokens)})
         if spec:
             items = [(drafts[seqs[i].seq_id], logits[row_start[i] : row_start[i + 1]],
-                      requests[seqs[i].seq_id].generators.get(seqs[i].seq_id)) for i in spec]
+                      engine.generator_of(seqs[i])) for i in spec]
             for i, (toks, acc) in zip(spec, self._verify(items)):
                 emitted[i] = (toks, num_logits[i] - 1, acc)
-        touched: dict[str, Any] = {}
+        touched: dict[str, RequestState] = {}
         for i, seq in enumerate(seqs):
-            req, (toks, verified, acc) = requests[seq.seq_id], emitted[i]
+            req, (toks, verified, acc) = engine.request_of(seq), emitted[i]
             touched[req.request_id] = req
             if seq.seq_id in drafts:  # roll back: K/V is valid up to the last accepted draft
                 seq.num_computed_tokens = seq.num_tokens + acc
@@ -311,18 +211,18 @@ class SpeculativeDecoder:
                 bm.cache_blocks(seq.seq_id, seq.token_ids + toks, seq.num_computed_tokens)
             kept = 0
             for t in toks:
-                engine._append_token(req, seq, t, now)
+                engine.append_token(req, seq, t, now)
                 kept += 1
                 if seq.is_finished:
                     break  # EOS, a stop or the length limit inside an accepted run: drop the rest
             if seq.seq_id in decoding:
                 self._record(req.request_id, verified, acc, kept)
             if seq.seq_id not in drafts and len(req.seqs) < req.params.n and seq is req.seqs[0]:
-                engine._fork_children(req, seq, logits[row_start[i] : row_start[i] + 1], now)
+                engine.fork_children(req, seq, logits[row_start[i] : row_start[i] + 1], now)
         engine.num_steps += 1
         if engine.record_steps:
-            engine._log_step(start, out, was_prefill)
-        return [engine._output(req) for req in touched.values() if req.stream or req.finished]
+            engine.log_step(start, out, was_prefill)
+        return [engine.request_output(req) for req in touched.values() if req.stream or req.finished]
 
     def _record(self, request_id: str, verified: int, accepted: int, emitted: int) -> None:
         stats = self.request_stats.get(request_id)

@@ -23,41 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from servinglab.sampling import SamplingParams
-
-CODE = ("def area(width, height):\n    x = width * height\n    return x\n\n\ndef total(values):\n    x = 0\n"
-        "    for v in values:\n        x += v\n    return x\n\n\ndef mean(values):\n    x = total(values)\n    return x / len(values)\n")
-NOTICE = ("The reading room on the second floor opens at nine in the morning and closes at six in the evening. "
-          "Members may borrow up to five books at a time for three weeks. Members must return books to the front desk, "
-          "not to the shelves. Food and drinks are not allowed in the reading room, but members may drink water.")
-EMAIL = ("Hi team,\n\nOur weekly planning meeting will take place on Tuesday at 10am in room 4B. Please bring your "
-         "status updates and the list of open issues. Anna will present the new release schedule, and Ben will walk "
-         "us through the test results.\n\nThanks,\nMaria")
-TYPOS = ("The comittee will recieve the final report next wednesday. Every member should read it carefuly before the "
-         "meeting, and send there comments to the secretary untill friday.")
-# Edits and rewrites of a given text or code: the answer copies long spans of the prompt, which is
-# what prompt lookup guesses. The mix includes weaker copiers (a summary, a spelling fix, code edits).
-GROUNDED = [
-    f"Repeat this email, but change the meeting day from Tuesday to Thursday:\n\n{EMAIL}",
-    f"Repeat this notice word for word, but change 'nine in the morning' to 'ten in the morning':\n\n{NOTICE}",
-    f"Copy this email, then add a P.S. asking everyone to arrive five minutes early:\n\n{EMAIL}",
-    f"Rewrite the following code with the variable x renamed to count:\n\n```python\n{CODE}```",
-    f"Repeat the following code exactly, and add a comment line at the top:\n\n```python\n{CODE}```",
-    f"Rewrite this notice, replacing the word 'Members' with 'Visitors':\n\n{NOTICE}",
-    f"Fix the spelling mistakes in this text and return the corrected text:\n\n{TYPOS}",
-    f"Summarize this email in two sentences:\n\n{EMAIL}",
-]
-OPEN_ENDED = [
-    "Write a short story about a robot who learns to paint.",
-    "What are some good habits for staying healthy while working from home?",
-    "Explain how a rainbow forms.",
-    "Give me three ideas for a birthday party for a ten-year-old.",
-    "Why do cats purr?",
-    "Describe your ideal weekend in a few sentences.",
-    "Write a short poem about the ocean.",
-    "What should I pack for a weekend hiking trip?",
-]
-
+from servinglab.bench.spec_prompts import GROUNDED, OPEN_ENDED, chat_prompts
+from servinglab.engine.sampling import SamplingParams
 
 @dataclass
 class SpecRow:
@@ -87,15 +54,6 @@ class SpecRow:
         return self.spec_tps / self.plain_tps
 
 
-def chat_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text as one user turn of the model's chat template."""
-    out = []
-    for text in texts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    return out
-
-
 def _run(llm, prompts: list[list[int]], params: list) -> tuple[float, list[list[int]], int]:
     """(seconds, tokens per request, engine steps) for one pass over the prompts at ``len(params)`` per call."""
     engine, steps, start, outs = llm.engine, llm.engine.num_steps, time.perf_counter(), []
@@ -113,7 +71,7 @@ def measure(plain, spec_llm, label: tuple[str, str, str], prompts: list[list[int
     taken out of both runs, since Leviathan's formula is about decoding.
     """
     from servinglab.impl import load_part
-    from servinglab.spec_decode import SpecDecodeStats
+    from servinglab.engine.spec_decode import SpecDecodeStats
 
     def params(n: int) -> list:
         return [SamplingParams(temperature=temperature, max_tokens=n, seed=None if temperature == 0 else 7 + i) for i in range(batch)]
@@ -164,7 +122,7 @@ def bench_vllm(model_dir: str, prompts: list[list[int]], max_tokens: int, k: int
     import subprocess
     import tempfile
 
-    from servinglab.vllm_oracle import vllm_build, vllm_env
+    from servinglab.bench.vllm_baseline import vllm_build, vllm_env
 
     results = {}
     for name, extra in (("plain", {}), ("ngram", {"speculative_config": {"method": "ngram", "num_speculative_tokens": k,
@@ -173,7 +131,7 @@ def bench_vllm(model_dir: str, prompts: list[list[int]], max_tokens: int, k: int
             src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
             src.write_text(json.dumps({"model": model_dir, "prompts": prompts, "max_tokens": max_tokens,
                                        "engine": {"dtype": dtype, "max_model_len": 1024, "enforce_eager": True, **extra}}))
-            proc = subprocess.run([sys.executable, "-m", "servinglab.bench_spec", str(src), str(dst)],
+            proc = subprocess.run([sys.executable, "-m", "servinglab.bench.spec", str(src), str(dst)],
                                   env=vllm_env(), capture_output=True, text=True, timeout=900)
             if proc.returncode != 0 or not dst.exists():
                 raise RuntimeError(f"vLLM ({name}) failed, exit {proc.returncode}: {proc.stderr.strip()[-1500:]}")
@@ -244,7 +202,7 @@ def run_spec(model_dir: str, dtypes: list[str], out_dir: Path, k: int = 6, draft
     """Run the whole plan, print one table, save it (JSON) under ``out_dir``; return the rows."""
     from tqdm.auto import tqdm
 
-    from servinglab.llm import LLM
+    from servinglab.engine.llm import LLM
 
     def engine(dtype: str, spec: dict | None = None) -> LLM:
         return LLM(model=model_dir, dtype=dtype, max_model_len=1024, enable_prefix_caching=False,

@@ -33,7 +33,7 @@ def cache_root() -> Path:
     env = os.environ.get("SERVINGLAB_CACHE")
     if env:
         return Path(env).expanduser()
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     if (checkout / "pyproject.toml").exists():
         return checkout / ".cache"
     return Path.home() / ".cache" / "servinglab"

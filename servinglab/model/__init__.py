@@ -1,0 +1,12 @@
+"""The model room: tensors only (vLLM's ``vllm/model_executor``).
+
+- :mod:`.llama` the Llama-family decoder over the paged KV cache; attention goes
+  through the student's Part 3 (``paged_attention``);
+- :mod:`.weights` loads a Hugging Face folder into it; :mod:`.prepare` makes the
+  course's model folder from the offline GGUF (``servinglab prepare-model``);
+- :mod:`.cache` allocates the per-layer KV blocks; :mod:`.cpu_gemm` the CPU matrix
+  product kernels.
+
+May import: :mod:`servinglab.interfaces`, :mod:`servinglab.sequence`,
+:mod:`servinglab.impl`. Knows nothing of requests, scheduling or serving.
+"""
