@@ -29,7 +29,7 @@ PARTS: dict[int, str] = {
     9: "tensor_parallel",
 }
 PART_MODULES: dict[int, tuple[str, ...]] = {
-    1: ("kv_cache",),
+    1: ("kv_cache", "model_shape"),
     2: ("block_manager", "block_pool"),
     3: ("paged_attention", "paged_attention_triton"),
     4: ("scheduler",),

@@ -6,7 +6,7 @@ cache grows with ``layers x kv_heads x head_dim`` per token. With grouped-query 
 ``num_attention_heads / num_kv_heads`` times smaller than a formula based on
 ``hidden_size`` claims. The KV cache, not compute, is what limits how many requests a
 serving engine runs at once (Kwon et al., "Efficient Memory Management for Large Language
-Model Serving with PagedAttention", SOSP 2023, arXiv 2309.06180, section 2.3).
+Model Serving with PagedAttention", SOSP 2023, arXiv 2309.06180, section 3).
 
 Every function accepts ``shape`` as a :class:`ModelShape` (or, for the KV functions, any
 object with ``num_layers``, ``num_kv_heads`` and ``head_dim``, such as
@@ -16,12 +16,14 @@ object with ``num_layers``, ``num_kv_heads`` and ``head_dim``, such as
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
+
+from .model_shape import CONFIG_KEYS, ModelShape, positive_int
+
+__all__ = ["CONFIG_KEYS", "DTYPE_ALIASES", "DTYPE_BYTES", "GIB", "KVCacheMemory", "KVShape", "ModelShape", "calculate_kv_cache_memory",
+           "dtype_bytes", "dtype_name", "kv_bytes_per_token", "max_concurrent_sequences", "num_kv_blocks", "seed_formula_kv_bytes"]
 
 GIB = 1024**3
 # Bytes per element. "fp8" means e4m3, as in vLLM's ``kv_cache_dtype="fp8"``.
@@ -55,96 +57,6 @@ def dtype_name(dtype: Any) -> str:
 def dtype_bytes(dtype: Any) -> int:
     """Bytes per element of ``dtype``; raises ValueError naming the allowed values."""
     return DTYPE_BYTES[dtype_name(dtype)]
-
-
-def _positive_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an int > 0, else raise ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The published shape of a Llama-family decoder (the fields of its config.json)."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    intermediate_size: int | None = None
-    tie_word_embeddings: bool = False
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        for field in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim", "vocab_size"):
-            _positive_int(field, getattr(self, field))
-        if self.intermediate_size is not None:
-            _positive_int("intermediate_size", self.intermediate_size)
-        if self.num_attention_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_kv_heads "
-                f"({self.num_kv_heads}): each KV head serves a whole group of query heads"
-            )
-
-    @classmethod
-    def from_config(cls, source: str | Path | Mapping[str, Any] | Any, name: str = "") -> ModelShape:
-        """Read a Hugging Face config: a config.json path, its folder, a dict or a ``PretrainedConfig``.
-
-        ``num_key_value_heads`` defaults to ``num_attention_heads`` (plain multi-head
-        attention, as in configs written before GQA) and ``head_dim`` to
-        ``hidden_size // num_attention_heads``, as transformers does.
-        """
-        if isinstance(source, (str, Path)):
-            path = Path(source)
-            path = path / "config.json" if path.is_dir() else path
-            cfg = json.loads(path.read_text())
-            name = name or path.parent.name
-        elif isinstance(source, Mapping):
-            cfg = dict(source)
-        else:
-            cfg = source.to_dict() if hasattr(source, "to_dict") else dict(vars(source))
-        for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
-            if cfg.get(key) is None:
-                raise ValueError(f"config is missing {key!r}, which every Llama-family config.json has")
-        heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
-        head_dim = cfg.get("head_dim")
-        if head_dim is None:
-            if hidden % heads:
-                raise ValueError(f"hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}); give head_dim")
-            head_dim = hidden // heads
-        return cls(
-            num_layers=cfg["num_hidden_layers"],
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            vocab_size=cfg["vocab_size"],
-            intermediate_size=cfg.get("intermediate_size"),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            name=name or str(cfg.get("_name_or_path", "")),
-        )
-
-    def num_parameters(self) -> int:
-        """Weights of a Llama-family model (no biases), e.g. 6,738,415,616 for Llama-2-7B.
-
-        Embedding (vocab x hidden); per layer q and o projections (hidden x heads x head_dim
-        each), k and v projections (hidden x kv_heads x head_dim each), a gated MLP of three
-        hidden x intermediate matrices and two RMSNorm weights (hidden each); a final norm;
-        an lm_head (vocab x hidden) unless it is tied to the embedding.
-        """
-        if self.intermediate_size is None:
-            raise ValueError("intermediate_size is needed to count parameters (it is in config.json)")
-        ### BEGIN SOLUTION
-        h, q_width, kv_width = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attention = 2 * h * q_width + 2 * h * kv_width
-        mlp = 3 * h * self.intermediate_size
-        per_layer = attention + mlp + 2 * h
-        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return embeddings + self.num_layers * per_layer + h
-        ### END SOLUTION
 
 
 @dataclass(frozen=True)
@@ -186,8 +98,8 @@ def calculate_kv_cache_memory(shape: KVShape, seq_len: int, batch_size: int = 1,
     Llama-2-13B in fp16 needs 800 KiB per token (REFERENCE.md); a 4,096-token sequence
     then takes 3.125 GiB.
     """
-    _positive_int("seq_len", seq_len)
-    _positive_int("batch_size", batch_size)
+    positive_int("seq_len", seq_len)
+    positive_int("batch_size", batch_size)
     name = dtype_name(dtype)
     # Per token, then per sequence, then per batch.
     ### BEGIN SOLUTION
@@ -204,8 +116,8 @@ def seed_formula_kv_bytes(shape: ModelShape, seq_len: int, batch_size: int = 1, 
     overstates by ``num_attention_heads / num_kv_heads`` (8x for Llama-2-70B, 4x for
     Llama-3.1-8B). Kept to compare against, not to use.
     """
-    _positive_int("seq_len", seq_len)
-    _positive_int("batch_size", batch_size)
+    positive_int("seq_len", seq_len)
+    positive_int("batch_size", batch_size)
     elem = dtype_bytes(dtype)
     ### BEGIN SOLUTION
     return 2 * shape.num_layers * shape.hidden_size * elem * seq_len * batch_size
@@ -217,9 +129,9 @@ def _check_budget_args(
     weight_bytes: int | None, activation_bytes: int, tensor_parallel_size: int,
 ) -> None:
     """Validate the arguments of :func:`num_kv_blocks` (ValueError names the parameter)."""
-    _positive_int("gpu_memory_bytes", gpu_memory_bytes)
-    _positive_int("block_size", block_size)
-    _positive_int("tensor_parallel_size", tensor_parallel_size)
+    positive_int("gpu_memory_bytes", gpu_memory_bytes)
+    positive_int("block_size", block_size)
+    positive_int("tensor_parallel_size", tensor_parallel_size)
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
     if isinstance(activation_bytes, bool) or not isinstance(activation_bytes, int) or activation_bytes < 0:
@@ -293,7 +205,7 @@ def max_concurrent_sequences(
     tail of the last block, vLLM paper section 4.2). The other arguments are those of
     :func:`num_kv_blocks`. The answer is 0 when one sequence needs more blocks than fit.
     """
-    _positive_int("seq_len", seq_len)
+    positive_int("seq_len", seq_len)
     ### BEGIN SOLUTION
     blocks = num_kv_blocks(shape, gpu_memory_bytes, gpu_memory_utilization, block_size, dtype, kv_cache_dtype,
                            weight_bytes, activation_bytes, tensor_parallel_size)
