@@ -102,8 +102,15 @@ test-fast: setup
 	$(BIN)/pytest -q -p no:cacheprovider --impl solutions tests -m "not slow and not vllm"
 
 # On a GPU runner: the GPU tests and notebooks on cuda.
-test-gpu: setup
-	$(BIN)/pytest -q -p no:cacheprovider --impl solutions tests -m gpu
+# On a GPU runner: every GPU test, then every notebook through nbval on cuda. On a machine
+# without a package registry, install the wheels brought along and pass its interpreter:
+#   pip install --no-index --find-links .gpu_wheels ... && make test-gpu GPU_PY=python3
+GPU_PY ?=
+test-gpu: $(if $(GPU_PY),,setup)
+	set -euo pipefail
+	export SERVINGLAB_IMPL=solutions PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}"
+	$(or $(GPU_PY),$(PY)) -m pytest -q -p no:cacheprovider --impl solutions tests -m gpu
+	cd $(NB_DIR) && $(or $(GPU_PY),../../$(PY)) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env *.ipynb
 
 clean:
 	rm -rf release submitted autograded feedback gradebook.db results.json $(NB_DIR)/outputs

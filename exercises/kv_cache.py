@@ -88,14 +88,14 @@ def kv_bytes_per_token(shape: KVShape, dtype: Any = "float16") -> int:
     """Bytes one token's keys and values take across all layers."""
     elem = dtype_bytes(dtype)
     # K and V (2) for every layer, each num_kv_heads x head_dim elements: with GQA the
-    # width is kv_heads x head_dim, not hidden_size (REFERENCE.md, vLLM paper section 2.3).
+    # width is kv_heads x head_dim, not hidden_size (docs/references.md, vLLM paper section 3).
     raise NotImplementedError("kv_bytes_per_token: your code here")
 
 
 def calculate_kv_cache_memory(shape: KVShape, seq_len: int, batch_size: int = 1, dtype: Any = "float16") -> KVCacheMemory:
     """KV-cache memory for ``batch_size`` sequences of ``seq_len`` tokens each.
 
-    Llama-2-13B in fp16 needs 800 KiB per token (REFERENCE.md); a 4,096-token sequence
+    Llama-2-13B in fp16 needs 800 KiB per token (docs/references.md); a 4,096-token sequence
     then takes 3.125 GiB.
     """
     positive_int("seq_len", seq_len)
@@ -106,7 +106,7 @@ def calculate_kv_cache_memory(shape: KVShape, seq_len: int, batch_size: int = 1,
 
 
 def seed_formula_kv_bytes(shape: ModelShape, seq_len: int, batch_size: int = 1, dtype: Any = "float16") -> int:
-    """The original setup guide's estimate: 2 x layers x hidden_size x bytes per token.
+    """The course's original guide's estimate: 2 x layers x hidden_size x bytes per token.
 
     It counts a full hidden-size K and V per layer, which is right only without GQA: it
     overstates by ``num_attention_heads / num_kv_heads`` (8x for Llama-2-70B, 4x for
@@ -158,6 +158,11 @@ def num_kv_blocks(
     GPU). Tensor parallelism also splits the KV heads, so a block per GPU holds
     ``num_kv_heads / tensor_parallel_size`` heads. ``kv_cache_dtype`` None (or "auto")
     means the same as ``dtype``. Raises ValueError when not even one block fits.
+
+    ``shape`` may be any :class:`KVShape` when ``weight_bytes`` is given (then the
+    parameter count is not needed): the lab engine sizes its pool with
+    ``num_kv_blocks(kv_spec, kv_cache_memory_gib x 2**30, gpu_memory_utilization=1.0,
+    block_size=..., dtype=..., weight_bytes=0)``.
     """
     _check_budget_args(shape, gpu_memory_bytes, gpu_memory_utilization, block_size, weight_bytes,
                        activation_bytes, tensor_parallel_size)

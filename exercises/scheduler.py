@@ -100,7 +100,7 @@ class Scheduler:
         Raises:
             ValueError: the sequence has no tokens; its tokens need more blocks than the
                 pool has (message names both numbers); or chunked prefill is off and its
-                tokens exceed ``max_num_batched_tokens``. Such a sequence could never be
+                tokens exceed ``max_num_batched_tokens`` (message names it). Such a sequence could never be
                 scheduled, so it is refused now instead of blocking the queue forever.
         """
         # Blocks needed: ceil(num_tokens / block_size). Compare with the whole pool, not
@@ -121,10 +121,21 @@ class Scheduler:
            its copy-on-write copies into ``block_copies``.
         2. Only if nothing was preempted, admit waiting sequences in order while fewer
            than ``max_num_seqs`` run and budget remains. The head blocks the queue if it
-           does not fit (no skipping). On admission ``num_computed_tokens`` (and
-           ``num_cached_tokens``) become the prefix-cache hit count.
+           does not fit (no skipping). Admitting a sequence means: ``allocate_blocks``
+           (its return value, the prefix-cache hit count, becomes both
+           ``seq.num_computed_tokens`` and ``seq.num_cached_tokens``), ``append_slots``
+           for this step's tokens, pop it from ``waiting``, set ``seq.status =
+           SequenceStatus.RUNNING``, set ``seq.first_scheduled_time =
+           time.perf_counter()`` if it is still ``None`` (a readmitted sequence keeps its
+           first time), and append it to ``running``.
 
-        No sequence appears with 0 new tokens, and none appears twice.
+        Invariants the tests check after every step: running sequences come before newly
+        admitted ones in ``scheduled``; no sequence appears with 0 new tokens, and none
+        twice; every scheduled sequence has status ``RUNNING`` and is in ``running``;
+        ``num_computed_tokens + num_new_tokens <= num_tokens`` and its block table has a
+        slot for each of them; the new tokens sum to at most ``max_num_batched_tokens``;
+        at most ``max_num_seqs`` run; a step that preempted admits nobody; without
+        chunked prefill a sequence always gets all its uncomputed tokens.
 
         Raises:
             RuntimeError: no sequence runs, the pool is empty and the budget whole, and
@@ -140,8 +151,10 @@ class Scheduler:
         """Preempt ``seq`` by recompute: free its blocks and queue it at the front.
 
         The caller has already removed it from ``running``. Its tokens are kept, its K/V
-        is dropped (``num_computed_tokens = 0``); on readmission it prefills prompt plus
-        generated tokens again, minus any prefix-cache hits.
+        is dropped: ``deallocate_blocks``, ``seq.num_computed_tokens = 0``,
+        ``seq.num_preemptions += 1``, ``seq.status = SequenceStatus.WAITING``, then
+        ``waiting.appendleft(seq)`` and ``out.preempted.append(seq)``. On readmission it
+        prefills prompt plus generated tokens again, minus any prefix-cache hits.
         """
         raise NotImplementedError("_preempt: your code here")
 
@@ -151,8 +164,10 @@ class Scheduler:
         For ``n > 1`` samples and beam search: the block manager raises ref counts
         instead of copying, and copy-on-write splits a block only when one of them
         writes to it. The child runs right after its parent (so it is preempted before
-        it) with the parent's ``num_computed_tokens``. The engine makes the child's
-        tokens equal the parent's.
+        it) with the parent's ``num_computed_tokens`` and ``num_cached_tokens``, status
+        ``RUNNING`` and, if it has none, the parent's ``first_scheduled_time``. The block
+        manager's ``fork(parent.seq_id, child.seq_id)`` shares the blocks (no new block
+        is taken). The engine makes the child's tokens equal the parent's.
 
         Raises:
             ValueError: ``parent`` is not running.
@@ -163,7 +178,9 @@ class Scheduler:
         """Remove a finished sequence from its queue and free its blocks.
 
         The engine sets ``seq.status`` to a finished status first (stop, length or
-        abort). Calling it again for the same sequence does nothing.
+        abort); this method leaves the status as it is. The sequence may be running or
+        still waiting (then it holds no blocks and is just dropped from ``waiting``).
+        Calling it again for the same sequence does nothing.
 
         Raises:
             ValueError: ``seq.status`` is not a finished status.

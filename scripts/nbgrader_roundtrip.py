@@ -75,7 +75,8 @@ def main() -> int:
         (course / "nbgrader_config.py").write_text(CONFIG.format(root=str(course)))
         src = course / "source" / ASSIGNMENT
         src.mkdir(parents=True)
-        names = args.notebooks or [p.stem for p in sorted((ROOT / "notebooks" / ASSIGNMENT).glob("*.ipynb"))]
+        names = args.notebooks or [p.stem for p in sorted((ROOT / "notebooks" / ASSIGNMENT).glob("*.ipynb"))
+                                   if '"grade": true' in p.read_text()]  # ungraded notebooks (10) have nothing to grade
         for name in names:
             shutil.copy(ROOT / "notebooks" / ASSIGNMENT / f"{name}.ipynb", src)
         nbgrader(course, "db", "assignment", "add", ASSIGNMENT)

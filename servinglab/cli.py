@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+# servinglab.model.dtypes.DTYPE_CHOICES, repeated here so `servinglab --help` does not import torch.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
 
 def _prepare(args: argparse.Namespace) -> int:
     from servinglab.model.prepare import ModelNotPreparedError, prepare_model
@@ -41,6 +44,14 @@ def _bench_gemm(args: argparse.Namespace) -> int:
 
 
 def _bench_throughput(args: argparse.Namespace) -> int:
+    if args.device == "cuda" or args.random_weights:  # the GPU comparison: servinglab.bench.gpu_throughput
+        from servinglab.bench.gpu_throughput import run_gpu_throughput
+
+        systems = tuple(s for s in args.systems if s != "lab") + (("lab", "lab-eager") if "lab" in args.systems else ())
+        run_gpu_throughput(args.random_weights or "smollm2-135m", args.num_requests, (args.min_len, args.max_len),
+                           (args.min_out, args.max_out), tuple(sorted(systems, key=["lab", "lab-eager", "hf", "vllm"].index)),
+                           args.hf_batch or 32, "bfloat16" if args.dtype == "auto" else args.dtype, args.seed, args.out)
+        return 0
     from servinglab.bench.throughput import run_throughput
     from servinglab.model.prepare import require_model
     from servinglab.bench.workloads import random_workload
@@ -52,7 +63,14 @@ def _bench_throughput(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --lab-cpu-gemm must be among {CPU_GEMM_MODES}, got {bad}")
     model_dir = str(args.model or require_model())
     workload = random_workload(args.num_requests, (args.min_len, args.max_len), (args.min_len, args.max_len), seed=args.seed)
-    run_throughput(model_dir, args.systems, workload, args.dtype, args.out, args.hf_batch, tuple(args.lab_cpu_gemm))
+    run_throughput(model_dir, args.systems, workload, args.dtype, args.out, args.hf_batch or 16, tuple(args.lab_cpu_gemm))
+    return 0
+
+
+def _bench_attention(args: argparse.Namespace) -> int:
+    from servinglab.bench.attention import run_attention_bench
+
+    run_attention_bench(args.layout, tuple(args.batches), tuple(args.contexts), args.block_size, args.dtype, args.out)
     return 0
 
 
@@ -118,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(p)
     p.set_defaults(fn=_serve)
 
+    p = sub.add_parser("router", help="OpenAI-compatible router over N backend servers (Part 7 load balancer)")
+    from servinglab.serving.router import add_router_arguments, run_router
+
+    add_router_arguments(p)
+    p.set_defaults(fn=run_router)
+
     bench = sub.add_parser("bench", help="benchmarks that compare systems side by side").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("throughput", help="offline throughput: lab engine vs vLLM vs transformers static batching")
     p.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared SmolLM2)")
@@ -126,12 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-len", type=int, default=16, help="shortest prompt and output")
     p.add_argument("--max-len", type=int, default=128, help="longest prompt and output")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--hf-batch", type=int, default=16, help="transformers static batch size")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 where the hardware has it, else float32")
+    p.add_argument("--hf-batch", type=int, default=None, help="transformers static batch size (default 16; 32 with --device cuda)")
     p.add_argument("--lab-cpu-gemm", nargs="+", default=["auto"], metavar="{auto,onednn,torch}",
                    help="CPU matrix-product strategies for the lab engine, one row each (servinglab.model.cpu_gemm)")
     p.add_argument("--out", type=Path, default=Path("bench_results"))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: lab engine with and without CUDA graphs vs transformers (servinglab.bench.gpu_throughput)")
+    p.add_argument("--random-weights", default=None, choices=["smollm2-135m", "smollm2-1.7b"],
+                   help="random weights of a real config, built on the GPU (implies --device cuda)")
+    p.add_argument("--min-out", type=int, default=64, help="shortest output (--device cuda)")
+    p.add_argument("--max-out", type=int, default=256, help="longest output (--device cuda)")
     p.set_defaults(fn=_bench_throughput)
+
+    p = bench.add_parser("attention", help="paged decode attention kernels on a GPU: achieved HBM bandwidth vs 4.8 TB/s")
+    p.add_argument("--layout", default="smollm2-135m", choices=["smollm2-135m", "smollm2-1.7b"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--out", type=Path, default=Path("bench_results"))
+    p.set_defaults(fn=_bench_attention)
 
     p = bench.add_parser("memory", help="KV slots holding real tokens: paged vs contiguous pre-allocation (no model)")
     p.add_argument("--num-requests", type=int, default=200)
@@ -149,12 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.set_defaults(fn=_bench_prefix)
 
     p = bench.add_parser("spec", help="speculative decoding: plain vs n-gram and early-exit draft, vs Leviathan's prediction")
     p.add_argument("--model", type=Path, default=None)
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"], help="the first gets every row, later ones the headline row")
+    p.add_argument("--dtypes", nargs="+", default=["auto"], choices=DTYPE_CHOICES, help="the first gets every row, later ones the headline row")
     p.add_argument("--k", type=int, default=6, help="n-gram drafts per step")
     p.add_argument("--draft-k", type=int, default=2, help="early-exit drafts per step")
     p.add_argument("--draft-layers", type=int, default=8, help="layers of the early-exit draft")
@@ -165,15 +204,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench_results"))
     p.set_defaults(fn=_bench_spec)
 
+    p = sub.add_parser("export-onnx", help="export the decoder to ONNX, check it, compare onnxruntime with PyTorch (Part 8)")
+    from servinglab.bench.onnx_parity import add_export_onnx_arguments, run_export_onnx
+
+    add_export_onnx_arguments(p)
+    p.set_defaults(fn=run_export_onnx)
+
+    p = sub.add_parser("build-trt", help="TensorRT engines from the ONNX graphs (needs TensorRT and a GPU; Part 8)")
+    from servinglab.model.trt_build import add_build_trt_arguments, run_build_trt
+
+    add_build_trt_arguments(p)
+    p.set_defaults(fn=run_build_trt)
+
+    p = bench.add_parser("quant", help="bf16 / int8 / int4 (+ torch.compile): weight bytes, peak memory, decode tok/s, perplexity (Part 8)")
+    from servinglab.bench.quant import add_bench_quant_arguments, main_bench_quant
+
+    add_bench_quant_arguments(p)
+    p.set_defaults(fn=main_bench_quant)
+
+    p = bench.add_parser("router", help="routing policies x workloads over 3 servers behind the router (Part 7)")
+    from servinglab.bench.router import add_bench_router_arguments, main_from_args as bench_router
+
+    add_bench_router_arguments(p)
+    p.set_defaults(fn=bench_router)
+
     p = bench.add_parser("serve", help="online serving benchmark against OpenAI-compatible servers (like vLLM's benchmark_serving)")
     from servinglab.bench.serve import add_bench_serve_arguments
 
     add_bench_serve_arguments(p)
     p.set_defaults(fn=_bench_serve)
+
+    p = bench.add_parser("tp", help="tensor parallelism: TP=1 vs TP=k tokens/s, per-rank memory, time in collectives")
+    from servinglab.bench.tp import add_bench_tp_arguments, main_from_args as _bench_tp
+
+    add_bench_tp_arguments(p)
+    p.set_defaults(fn=_bench_tp)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Triton reads TRITON_INTERPRET when first imported (the parser's imports pull it in):
+    # without CUDA, Triton kernels (Part 3b in `servinglab grade`) run through its interpreter.
+    import torch
+
+    if not torch.cuda.is_available():
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

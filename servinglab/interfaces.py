@@ -55,6 +55,10 @@ class BlockManager(Protocol):
     block_tables: dict[int, list[int]]
 
     @property
+    def get_slot(self, seq_id: int, position: int) -> int:
+        """The cache slot of token ``position`` of ``seq_id``: the runner builds every step's slot mapping with it."""
+        ...
+
     def num_free_blocks(self) -> int: ...
 
     def can_allocate(self, token_ids: Seq[int]) -> bool:

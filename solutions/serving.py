@@ -1,13 +1,16 @@
 """Part 6: a serving engine with one face over two backends, and how to measure it.
 
-``vLLMServingEngine`` (the seed guide's class) runs either the lab engine (your Parts 2-4
-behind :class:`~servinglab.async_engine.SimpleContinuousBatching`) or the real vLLM
+``vLLMServingEngine`` (the course's public class, docs/references.md section 2) runs
+either the lab engine (your Parts 1-4 behind
+:class:`~servinglab.engine.async_engine.SimpleContinuousBatching`) or the real vLLM
 (``AsyncLLM``, its asynchronous engine) behind the same four methods:
 ``initialize_engine``, ``create_sampling_params``, ``generate_async`` (an async generator
 of :class:`StreamEvent`, one per new piece of output) and ``benchmark_performance``.
 
 The latency statistics (TTFT, TPOT, ITL, E2E and their percentiles) are in
-:mod:`.serving_stats`; this module re-exports them.
+:mod:`.serving_stats`; this module re-exports them. They also compute the table of
+``servinglab bench serve`` (``servinglab.bench.serve.summarize``). The lab server's
+``/metrics`` histograms are ``prometheus_client``'s, not these.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class StreamEvent(NamedTuple):
     finish_reason: str | None  # "stop" or "length" on the prompt's last event, else None
 
 
-class vLLMServingEngine:  # noqa: N801 (the seed guide's name)
+class vLLMServingEngine:  # noqa: N801 (the course's public name, docs/references.md)
     """One serving API over the lab engine (``backend="lab"``) or the real vLLM (``"vllm"``).
 
     Args:

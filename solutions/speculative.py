@@ -218,7 +218,7 @@ class SpeculativeOutput:
 
 
 class SpeculativeDecoding:
-    """Speculative decoding for one request (the seed guide's interface).
+    """Speculative decoding for one request (the course's public interface, docs/references.md section 2).
 
     Args:
         num_speculative_tokens: default ``k`` for :meth:`generate_with_speculation`.

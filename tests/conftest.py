@@ -11,9 +11,16 @@ import os
 from types import ModuleType
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
-from servinglab import impl as impl_mod
+# Without CUDA, Triton kernels (Part 3b, servinglab.model.triton) run through Triton's
+# interpreter. Triton reads TRITON_INTERPRET when it is first imported (transformers
+# imports it), so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from servinglab import impl as impl_mod  # noqa: E402
 
 # Deterministic property tests: the same examples on every run and every machine.
 settings.register_profile(

@@ -12,10 +12,14 @@ nb = Notebook("01_kv_cache")
 nb.md("""
 # Part 1 - KV-cache memory math
 
+> **Needs:** nothing before it: this is the first part. Everything you write here is used
+> later: the lab engine sizes its KV pool with your `num_kv_blocks` whenever it is given
+> `kv_cache_memory_gib` (notebooks 04, 06 and 10 run it that way).
+
 A serving engine spends most of its GPU memory on two things: the model's weights and the
 **KV cache**, the keys and values of every token each running request has seen so far.
 How many requests run at once, and so the throughput, is decided by how many KV caches fit
-next to the weights (Kwon et al., *PagedAttention*, SOSP 2023, section 2.3).
+next to the weights (Kwon et al., *PagedAttention*, SOSP 2023, section 3).
 
 You implement `exercises/kv_cache.py`: `ModelShape.num_parameters`, `kv_bytes_per_token`,
 `calculate_kv_cache_memory`, `seed_formula_kv_bytes`, `num_kv_blocks` and
@@ -39,7 +43,7 @@ The *arithmetic intensity* (FLOPs per byte moved from memory) tells which limit 
 bf16 linear layer `d x d` applied to `n` tokens does `2 n d^2` FLOPs and moves `2 d^2`
 bytes of weights plus `2 x 2 n d` bytes of activations, so its intensity is about `n`.
 An H100 SXM does about 989 dense bf16 TFLOP/s and reads 3.35 TB/s (vendor datasheet,
-REFERENCE.md): below about 295 FLOP/byte (its *ridge point*) the GPU waits on memory.
+`docs/references.md`): below about 295 FLOP/byte (its *ridge point*) the GPU waits on memory.
 """)
 nb.code("""
 H100_FLOPS, H100_BW = 989e12, 3.35e12  # dense bf16 FLOP/s, HBM3 bytes/s (H100 SXM datasheet)
@@ -66,8 +70,10 @@ is different: each request reads *its own* KV cache, so those reads never batch 
   the mean gap between later tokens; decode steps set it.
 - **Throughput**: output tokens per second over all requests together.
 
-vLLM exports them as `vllm:time_to_first_token_seconds` and
-`vllm:time_per_output_token_seconds`; Part 6 measures them on a real engine.
+vLLM exports them as the histograms `vllm:time_to_first_token_seconds` (TTFT),
+`vllm:request_time_per_output_token_seconds` (TPOT, one value per request) and
+`vllm:inter_token_latency_seconds` (every gap between two tokens; older releases called it
+`vllm:time_per_output_token_seconds`). Part 6 measures them on a real engine.
 """)
 nb.code("""
 arrival = 0.000
@@ -84,13 +90,14 @@ Each layer stores, for every token, one key and one value vector per **KV head**
 
 `bytes per token = 2 (K and V) x num_layers x num_kv_heads x head_dim x bytes per element`
 
-The original setup guide used `2 x num_layers x hidden_size x bytes`. That equals the
+The course's original guide used `2 x num_layers x hidden_size x bytes` (see
+`docs/references.md`, section 2). That equals the
 above only when every query head has its own KV head. With grouped-query attention
 (GQA) `num_attention_heads / num_kv_heads` query heads share one KV head, and the guide's
 formula overstates the cache by that factor: 8x for Llama-2-70B, 4x for Llama-3.1-8B.
 
-The shapes below are from each model's `config.json` (table in REFERENCE.md;
-`intermediate_size` and `tie_word_embeddings` from the same files).
+The shapes below are from each model's `config.json` (table in `docs/references.md`,
+section 1).
 """)
 nb.code("""
 # name: (layers, hidden, heads, kv heads, head_dim, vocab, intermediate, tied embeddings)
@@ -297,12 +304,41 @@ for batch in (1, 8, 32, kv.max_concurrent_sequences(shape, GPU_80GB, 4096, dtype
           f"({batch * 4096 * per_token / step_bytes:.0%} of each step's reads are KV)")
 """)
 nb.md("""
-## Summary
+## 6. Part 1 inside the engine
+
+The lab engine asks your `num_kv_blocks` how many blocks its pool gets: with
+`kv_cache_memory_gib=g` it passes `g` GiB as the memory, utilization 1 and no weights (they
+live outside that budget), so the pool is exactly your answer. The cell builds a tiny
+random model (no weights to load) and compares.
+""")
+nb.code("""
+from servinglab import LLM
+from servinglab.model.weights import random_model, tiny_llama_config
+tiny_cfg = tiny_llama_config()
+tiny_engine = LLM(model_obj=random_model(tiny_cfg, seed=0), hf_config=tiny_cfg, dtype="float32",
+                  kv_cache_memory_gib=0.01, block_size=16).engine
+mine = kv.num_kv_blocks(tiny_engine.kv_spec, int(0.01 * 2**30), gpu_memory_utilization=1.0, block_size=16,
+                        dtype="float32", weight_bytes=0)
+print(f"engine pool: {tiny_engine.num_kv_blocks} blocks; your num_kv_blocks: {mine}")
+assert tiny_engine.num_kv_blocks == mine
+""")
+nb.md("""
+## Recap
 
 - Prefill is compute-bound, decode memory-bound; batching decode is where throughput comes from.
 - KV bytes per token = 2 x layers x kv_heads x head_dim x bytes; GQA shrinks it by heads / kv_heads.
-- The KV cache, not the weights, ends up bounding the batch: Part 2 builds the paged block
-  manager that hands those blocks out without wasting them.
+- The KV cache, not the weights, ends up bounding the batch, and your `num_kv_blocks`
+  sizes the lab engine's pool. Part 2 builds the paged block manager that hands those
+  blocks out without wasting them.
+
+**What vLLM does differently.** vLLM does not take the KV budget as a number: at start-up
+it loads the weights, runs a dummy forward pass at the largest batch to measure peak
+activation memory, and gives what is left of `gpu_memory_utilization` x device memory to
+the cache (on the CPU build, `VLLM_CPU_KVCACHE_SPACE` or `kv_cache_memory_bytes` set it
+directly). It then refuses to start if one request of `max_model_len` tokens cannot fit,
+and prints the longest length that would (notebook 10 triggers that error). Read
+`vllm/v1/core/kv_cache_utils.py` (`check_enough_kv_cache_memory`, `get_kv_cache_configs`)
+next.
 """)
 
 print("wrote", nb.save())

@@ -12,6 +12,11 @@ nb = Notebook("02_block_manager")
 nb.md("""
 # Part 2 - Paged KV memory: the block manager
 
+> **Needs:** sections 1-3 need only this part. Section 4 also drives your **Part 4**
+> scheduler (`load_part("scheduler")`), and section 5 runs the lab engine on the real model
+> (**Parts 1, 3 and 4** as well): until those are done their cells stop with
+> `NotImplementedError`. Every graded cell of this notebook grades Part 2 alone.
+
 Part 1 showed that the KV cache, not the weights, bounds how many requests run at once.
 This part is about *how* that memory is handed out. You implement
 `exercises/block_pool.py` (reference counts, the free queue, the prefix-cache map) and
@@ -21,8 +26,6 @@ yourself with `pytest tests/graded/test_part2_block_manager.py`.
 
 The setup cell loads your module as `bm` (`load_part("block_manager")`). The pictures and
 the experiment below run *your* block manager, so they change when your code does.
-Section 4 also drives your Part 4 scheduler (`load_part("scheduler")`): run it once that
-part is done.
 
 The design follows **PagedAttention** (Kwon et al., *Efficient Memory Management for
 Large Language Model Serving with PagedAttention*, SOSP 2023), the paper behind vLLM.
@@ -74,8 +77,9 @@ block table `table` lives in
 
 `p // block_size` picks the logical block, the table turns it into a physical block,
 and `p % block_size` is the offset inside it. This is the address translation of a page
-table; your `get_slot` does it, and Part 3's runner uses it to build the `slot_mapping`
-that tells attention where to write each new token's K and V.
+table. Your `get_slot` does it, and the engine uses it: the runner
+(`servinglab/engine/runner.py`) computes each token's slot with your `get_slot` to build
+the `slot_mapping` that tells attention (Part 3) where to write each new token's K and V.
 """)
 nb.code("""
 demo = bm.PagedAttentionConfig(num_blocks=6, block_size=4)
@@ -497,14 +501,71 @@ What the plots say:
   the newest (Part 4). The preemption count shows that price; the contiguous
   policy never preempts because it reserved the worst case up front.
 
-## Summary
+""")
 
-- A block table maps logical to physical blocks; `slot = table[p // B] * B + p % B`.
+nb.md("""
+## 5. The prefix cache on the real model: time to first token
+
+Now the real SmolLM2-135M in the lab engine (this section needs **Parts 1, 3 and 4** as
+well). Six prompts share one few-shot prefix of about 250 tokens and differ only in the
+last question (the vLLM paper's shared-prefix experiment, section 6.4). They are sent one
+after another, so each request's TTFT is its own prefill. With the prefix cache off,
+every request computes the whole prompt; with it on, the first request computes it and
+publishes its full blocks, and each later one computes only what follows the shared
+full blocks (plus the last prompt token, which is always recomputed).
+""")
+nb.code("""
+from servinglab import LLM, SamplingParams
+from servinglab.bench.workloads import few_shot_prompts
+from servinglab.model.prepare import require_model
+SHARED = few_shot_prompts(6)
+first_token = SamplingParams(temperature=0.0, max_tokens=1)
+prefix_runs = {}
+for caching in (False, True):
+    llm = LLM(model=str(require_model()), enable_prefix_caching=caching, max_model_len=1024, kv_cache_memory_gib=0.1)
+    llm.generate(["Hello"], first_token, use_tqdm=False)            # warm-up, shares nothing with SHARED
+    rows = []
+    for prompt in SHARED:
+        out = llm.generate([prompt], first_token, use_tqdm=False)[0]
+        rows.append((1000 * out.metrics.ttft, out.metrics.num_cached_tokens, len(out.prompt_token_ids)))
+    prefix_runs[caching] = rows
+    del llm
+print(f"{'request':>7s} {'prompt':>6s} | {'cache off: TTFT':>15s} | {'cache on: TTFT':>14s} {'cached tokens':>13s}")
+for i, (off, on) in enumerate(zip(prefix_runs[False], prefix_runs[True])):
+    print(f"{i:7d} {off[2]:6d} | {off[0]:12.0f} ms | {on[0]:11.0f} ms {on[1]:13d}")
+later_off = np.mean([r[0] for r in prefix_runs[False][1:]])
+later_on = np.mean([r[0] for r in prefix_runs[True][1:]])
+hit = sum(r[1] for r in prefix_runs[True][1:]) / sum(r[2] for r in prefix_runs[True][1:])
+print(f"requests 1-5: {hit:.0%} of their prompt tokens came from the cache; mean TTFT {later_off:.0f} ms off, "
+      f"{later_on:.0f} ms on ({later_off / later_on:.1f}x faster on this machine)")
+fig, ax = plt.subplots(figsize=(7, 3.4))
+x = np.arange(len(SHARED))
+ax.bar(x - 0.2, [r[0] for r in prefix_runs[False]], 0.4, label="prefix cache off")
+ax.bar(x + 0.2, [r[0] for r in prefix_runs[True]], 0.4, label="prefix cache on")
+ax.set_xlabel("request (sent one after another)"); ax.set_ylabel("TTFT (ms)"); ax.legend()
+ax.set_title("Shared few-shot prefix: time to first token")
+fig.tight_layout(); fig.savefig(OUT / "prefix_cache_ttft.png", dpi=120); plt.show()
+""")
+nb.md("""
+## Recap
+
+- A block table maps logical to physical blocks; `slot = table[p // B] * B + p % B`, and
+  the engine's runner builds every step's `slot_mapping` with your `get_slot`.
 - Reference counts make sharing free: `fork` shares, copy-on-write splits on the first
   write, the prefix cache reuses full blocks across requests through chained hashes.
 - Paging keeps nearly all reserved KV memory busy and fits many more sequences than
-  contiguous reservation in the same memory. Part 3 makes attention read K/V through
-  these block tables; Part 4 decides every step which sequences get blocks.
+  contiguous reservation in the same memory (the table above gives your numbers), and
+  the prefix cache turns a shared prompt prefix into a shorter prefill. Part 3
+  makes attention read K/V through these block tables; Part 4 decides every step which
+  sequences get blocks.
+
+**What vLLM does differently.** vLLM's V1 block manager never copies on write: parallel
+samples and beams each get their own last block, and sharing happens through the prefix
+cache alone (full blocks, looked up by chained hashes, with the free queue in LRU order
+so evicted blocks are the least recently used). It also keeps one "null" block aside, and
+on the CPU build uses larger blocks (128 tokens by default there). Read
+`vllm/v1/core/block_pool.py` (the free queue and the hash map) and
+`vllm/v1/core/kv_cache_manager.py` (`allocate_slots`, `get_computed_blocks`) next.
 """)
 
 print("wrote", nb.save())

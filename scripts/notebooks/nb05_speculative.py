@@ -12,6 +12,11 @@ nb = Notebook("05_speculative")
 nb.md("""
 # Part 5 - Speculative decoding
 
+> **Needs:** sections 1-5 and their graded cells need only Part 5 (the target model runs
+> in transformers). Section 6 runs speculation inside the lab engine, so it needs **Parts
+> 1-4** as well (your `num_kv_blocks` sizes the pool, your block manager, attention and
+> scheduler run every step).
+
 A decode step reads every weight of the model to produce **one** token per sequence
 (Part 1: decode is memory-bound). Scoring a few more positions in the same pass costs
 little extra on a GPU, so if someone *guessed* the next `k` tokens, the target model could
@@ -229,32 +234,59 @@ story = spec.SpeculativeDecoding().generate_with_speculation(
     cached_logits_fn(model), spec.NgramProposer(1, 3, 4), open_ended, max_tokens=MAX_TOKENS, params=GREEDY, k=4,
     eos_token_id=tok.eos_token_id)
 print(f"open-ended prompt: acceptance {story.acceptance_rate:.2f}, {story.mean_tokens_per_step:.2f} tokens per pass")
+def alpha_from_tokens_per_pass(tokens, k):
+    \"\"\"The alpha for which Leviathan's (1 - a^(k+1)) / (1 - a) equals `tokens` (bisection; it grows with a).\"\"\"
+    lo, hi = 0.0, 0.999
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if spec.expected_tokens_per_step(mid, k) < tokens else (lo, mid)
+    return lo
+
+
 ks = range(1, 9)
 fig, ax = plt.subplots(figsize=(7, 4))
 for name, run in (("edit (input-grounded)", ngram_run), ("open-ended story", story)):
-    a = min(run.acceptance_rate, 0.999)
-    line, = ax.plot(ks, [spec.expected_tokens_per_step(a, k) for k in ks], "-", label=f"{name}: theory at a = {a:.2f}")
+    a = alpha_from_tokens_per_pass(run.mean_tokens_per_step, 4)
+    print(f"{name}: accepted / drafted = {run.acceptance_rate:.2f}; alpha fitted from "
+          f"{run.mean_tokens_per_step:.2f} tokens per pass = {a:.2f}")
+    line, = ax.plot(ks, [spec.expected_tokens_per_step(a, k) for k in ks], "-", label=f"{name}: i.i.d. model, alpha = {a:.2f}")
     ax.plot([4], [run.mean_tokens_per_step], "*", ms=14, color=line.get_color(), label=f"{name}: measured, k = 4")
 ax.set_xlabel("k"); ax.set_ylabel("tokens per target pass"); ax.legend(fontsize=8)
 ax.set_title("Prompt lookup on SmolLM2-135M-Instruct (greedy)")
 fig.tight_layout(); fig.savefig(OUT / "ngram_measured.png", dpi=120); plt.show()
 """)
 nb.md("""
-The measured star sits off the curve: acceptances are not independent (a copied span is
-accepted token after token, then the copy ends), and the proposer sometimes has nothing
-to propose, which Leviathan's i.i.d. model ignores.
+Careful with what goes into the formula. Leviathan's `a` (alpha) is the probability that
+*one* draft is accepted, each draft independently. The run's `acceptance_rate`
+(accepted / drafted) is a different quantity: a pass stops at its first rejection, so the
+drafts after it are counted as drafted but never tested, and the share comes out below
+alpha even when the i.i.d. model holds exactly (`docs/references.md`, section 5). So the
+cell above fits alpha the other way round: the alpha for which the formula gives the
+measured tokens per pass at k = 4. The star then sits on its curve by construction, and
+the curve's other points are what the i.i.d. model predicts for other k. It is only a
+model: on the edit a copied span is accepted token after token and then the copy ends
+(acceptances are not independent), and the proposer sometimes has nothing to propose (a
+pass of 1 token), which the formula does not know about.
 
 ## 5. And a draft model?
 
 SmolLM2-135M has no smaller sibling with its tokenizer, so the cheapest draft is the
 target's own first L layers with its final norm and LM head (`build_draft_model`, an
-early exit as in LayerSkip and Draft & Verify). `scripts/draft_model_study.py` measures it:
-on open-ended chat its greedy guesses match the target only 6-7% of the time for
-L <= 8 (11-12% at L = 12; a trained affine "tuned lens" on the exit reaches 12-20%), while one
-draft step costs about 0.2-0.5 of a target step, because the 49,152-token LM head and the
-per-layer overhead do not shrink with L. No k gives a speedup (Leviathan predicts under
-1x); for this model the n-gram proposer is the one worth serving. The cell below checks
-the early exit's match rate along the reference continuation in one target pass.
+early exit as in LayerSkip and Draft & Verify). `scripts/draft_model_study.py` measures it;
+one run of it on the course's reference 2-core CPU (not your machine) gave:
+
+| `scripts/draft_model_study.py`, reference machine | result |
+| --- | --- |
+| greedy match with the target on open-ended chat, exit at L <= 8 | 6-7% |
+| the same at L = 12 | 11-12% |
+| with a trained affine "tuned lens" on the exit | 12-20% |
+| cost of one draft step / one target step | about 0.2-0.5 |
+
+The match rates do not depend on the machine (greedy, float32); the cost ratio does. It
+stays high because the 49,152-token LM head and the per-layer overhead do not shrink with
+L. With those numbers no k gives a speedup (Leviathan's formula predicts under 1x); for
+this model the n-gram proposer is the one worth serving. The cell below checks the early
+exit's match rate along the reference continuation in one target pass, on your machine.
 """)
 nb.code("""
 draft = build_draft_model(model, 8)
@@ -313,22 +345,32 @@ nb.md("""
 Acceptance falls with the position (a draft at position i is only accepted when all
 before it were), and the open-ended prompt gives the proposer little to copy.
 `servinglab bench spec` measures the same thing at batch 1 and 8, greedy and sampled,
-and puts it next to Leviathan's prediction: on this kind of CPU a pass over `1 + k`
-tokens per sequence costs noticeably more than a 1-token pass (the "v" column), which
-the formula, written for memory-bound GPUs, assumes away; at batch 8 a step is no
-longer memory-bound and speculation stops paying, the slowdown "at high load" that
-vLLM's blog reports too.
+and puts it next to Leviathan's prediction. On a CPU a pass over `1 + k` tokens per
+sequence can cost noticeably more than a 1-token pass (the "v" column prints that ratio
+for your machine), which the formula, written for memory-bound GPUs, assumes away; and at
+a larger batch a step is less memory-bound, so speculation pays less, the slowdown "at
+high load" that vLLM's blog reports too.
 """)
 nb.md("""
-## Summary
+## Recap
 
 - Rejection sampling keeps the target's distribution exactly; greedy reduces to "accept
   while the draft equals the argmax".
-- The gain is `(1 - a^(k+1)) / ((1 - a)(k c + 1))`: it needs a high acceptance `a` and a cheap
-  draft `c`, and it fades at high load (the pass is no longer memory-bound).
+- The gain is `(1 - a^(k+1)) / ((1 - a)(k c + 1))`: it needs a high per-draft acceptance
+  `a` (not the same as accepted / drafted) and a cheap draft `c`, and it fades at high
+  load (the pass is no longer memory-bound).
 - In a paged engine the target verifies the k drafts of every running request in one
   step, writes their K/V into cache slots, and the rejected slots are rolled back
   (Part 2's `trim_blocks`).
+
+**What vLLM does differently.** vLLM verifies the drafts of the whole batch in one fused
+rejection-sampling kernel over flattened draft tokens (no Python loop per request), keeps
+per-position acceptance counters (`vllm:spec_decode_num_accepted_tokens_per_pos`), and
+offers trained draft heads (EAGLE, Medusa) besides n-gram lookup, which it runs with a
+numba-compiled search over every request's token history at once. Rejected drafts are
+rolled back by lowering `num_computed_tokens` by their count; their blocks stay with the
+request and the next step overwrites the slots. Read
+`vllm/v1/sample/rejection_sampler.py` and `vllm/v1/spec_decode/ngram_proposer.py` next.
 """)
 
 print("wrote", nb.save())

@@ -9,6 +9,9 @@ once). Each chunk's arrival time is recorded on the client, which gives, per req
 - TTFT: first chunk - send time;   E2E: last chunk - send time;
 - TPOT: (E2E - TTFT) / (output tokens - 1);   ITL: gaps between consecutive chunks.
 
+The statistics are computed by Part 6 (``serving_stats.compute_latency_stats`` and
+``percentile``, loaded with ``load_part``), so the table is only as right as that part.
+
 ``--compare`` starts the lab server and the real vLLM server itself, one after the other
 on free loopback ports with the same settings, runs the same workload at every rate on
 both, and prints one table with vLLM/lab ratios. Only ratios from one run on one machine
@@ -31,6 +34,7 @@ from tqdm.auto import tqdm
 
 from servinglab.bench.servers import ServerProcess, lab_server_command, vllm_server_command
 from servinglab.bench.workloads import Request, random_workload
+from servinglab.impl import current_impl, load_part
 
 METRICS = ("ttft", "tpot", "itl", "e2e")
 
@@ -112,17 +116,31 @@ async def run_workload(base_url: str, model: str, workload: list[Request], reque
 
 
 def summarize(results: list[RequestResult], duration: float) -> dict[str, float]:
-    """vLLM's benchmark table: counts, throughput, and mean / p50 / p90 / p99 of each latency in ms."""
+    """vLLM's benchmark table: counts, throughput, and mean / p50 / p90 / p99 of each latency in ms.
+
+    The statistics are Part 6's (``load_part("serving_stats")``): TTFT, ITL and E2E come
+    from ``compute_latency_stats`` over each request's chunk arrival times, and TPOT
+    (which counts tokens, as vLLM's benchmark does, not chunks) from its ``percentile``.
+    """
+    stats_part = load_part("serving_stats")
     ok = [r for r in results if r.success]
     out: dict[str, float] = {
         "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
         "total_output_tokens": sum(r.output_tokens for r in ok),
         "request_throughput": len(ok) / duration, "output_throughput": sum(r.output_tokens for r in ok) / duration,
     }
-    for name in METRICS:
-        values = np.array([v for r in ok for v in r.latencies()[name]]) * 1000
-        for stat, fn in (("mean", np.mean), ("p50", lambda v: np.percentile(v, 50)), ("p90", lambda v: np.percentile(v, 90)), ("p99", lambda v: np.percentile(v, 99))):
-            out[f"{stat}_{name}_ms"] = float(fn(values)) if len(values) else float("nan")
+    nan = float("nan")
+    try:
+        chunk_stats = stats_part.compute_latency_stats([stats_part.RequestTimestamps(r.start, r.chunk_times) for r in ok]) if ok else {}
+        tpot = [v * 1000 for r in ok for v in r.latencies()["tpot"]]
+        for stat in ("mean", "p50", "p90", "p99"):
+            for name in ("ttft", "itl", "e2e"):
+                out[f"{stat}_{name}_ms"] = float(chunk_stats.get(f"{'avg' if stat == 'mean' else stat}_{name}_ms", nan))
+            out[f"{stat}_tpot_ms"] = (sum(tpot) / len(tpot) if stat == "mean" else stats_part.percentile(tpot, float(stat[1:]))) if tpot else nan
+    except NotImplementedError as exc:
+        raise NotImplementedError(
+            f"bench serve computes its statistics with your Part 6 ({current_impl()}.serving_stats: percentile, "
+            "compute_latency_stats); implement them, or run with SERVINGLAB_IMPL=solutions") from exc
     return out
 
 
@@ -204,7 +222,7 @@ def add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench_results") / "serve")
     p.add_argument("--compare", action="store_true", help="start the lab server and the vLLM server and compare them")
     p.add_argument("--model-dir", type=Path, default=None, help="with --compare: model folder (default: the prepared SmolLM2)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=256)
 

@@ -25,16 +25,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def lab_server_command(model_dir: str, port: int, name: str, dtype: str = "bfloat16", max_model_len: int = 1024,
+def lab_server_command(model_dir: str, port: int, name: str, dtype: str = "auto", max_model_len: int = 1024,
                        max_num_seqs: int = 256, extra: tuple[str, ...] = ()) -> list[str]:
     """``servinglab serve`` for a child process."""
     return [sys.executable, "-m", "servinglab.cli", "serve", model_dir, "--port", str(port), "--served-model-name", name,
             "--dtype", dtype, "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs), *extra]
 
 
-def vllm_server_command(model_dir: str, port: int, name: str, dtype: str = "bfloat16", max_model_len: int = 1024,
+def vllm_server_command(model_dir: str, port: int, name: str, dtype: str = "auto", max_model_len: int = 1024,
                         max_num_seqs: int = 256, extra: tuple[str, ...] = ()) -> list[str]:
-    """vLLM's OpenAI server with the lab's settings: eager (no compile, like the lab), same batch limits."""
+    """vLLM's OpenAI server with the lab's settings: eager (no compile, like the lab), same batch limits.
+
+    ``dtype="auto"`` is resolved the lab's way (:mod:`servinglab.model.dtypes`) so both servers compute alike.
+    """
+    from servinglab.model.dtypes import resolve_dtype
+
+    dtype = resolve_dtype(dtype, "cpu")
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", name,
             "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
             "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", "2048", "--gpu-memory-utilization", "0.3",

@@ -200,6 +200,9 @@ def spec_table(rows: list[SpecRow]) -> str:
 def run_spec(model_dir: str, dtypes: list[str], out_dir: Path, k: int = 6, draft_k: int = 2, draft_layers: int = 8,
              max_tokens: int = 128, open_max_tokens: int = 64, repeats: int = 2, with_vllm: bool = True) -> list[SpecRow]:
     """Run the whole plan, print one table, save it (JSON) under ``out_dir``; return the rows."""
+    from servinglab.model.dtypes import resolve_dtype
+
+    dtypes = [resolve_dtype(d, "cpu") for d in dtypes]  # one concrete dtype per row, for the lab and vLLM alike
     from tqdm.auto import tqdm
 
     from servinglab.engine.llm import LLM

@@ -34,7 +34,7 @@ class ThroughputResult:
         return self.output_tokens / self.elapsed_s
 
 
-def bench_lab(model_dir: str, workload: list[Request], dtype: str = "bfloat16", name: str = "lab engine", **engine_kwargs) -> ThroughputResult:
+def bench_lab(model_dir: str, workload: list[Request], dtype: str = "float32", name: str = "lab engine", **engine_kwargs) -> ThroughputResult:
     """The lab engine (``servinglab.llm.LLM``) on the workload; ``engine_kwargs`` go to ``LLM``."""
     from servinglab.engine.llm import LLM
     from servinglab.engine.sampling import SamplingParams
@@ -50,7 +50,7 @@ def bench_lab(model_dir: str, workload: list[Request], dtype: str = "bfloat16", 
     return ThroughputResult(name, len(workload), sum(map(len, ids)), elapsed, ids)
 
 
-def bench_vllm(model_dir: str, workload: list[Request], dtype: str = "bfloat16") -> ThroughputResult:
+def bench_vllm(model_dir: str, workload: list[Request], dtype: str = "float32") -> ThroughputResult:
     """Real vLLM (offline ``LLM.generate``, enforce_eager) in a child process."""
     from servinglab.bench.vllm_baseline import vllm_generate
 
@@ -59,7 +59,7 @@ def bench_vllm(model_dir: str, workload: list[Request], dtype: str = "bfloat16")
     return ThroughputResult(res["build"] or "vllm", len(workload), res["output_tokens"], res["elapsed_s"], res["token_ids"])
 
 
-def bench_hf_static(model_dir: str, workload: list[Request], dtype: str = "bfloat16", batch_size: int = 16) -> ThroughputResult:
+def bench_hf_static(model_dir: str, workload: list[Request], dtype: str = "float32", batch_size: int = 16) -> ThroughputResult:
     """transformers ``generate`` with static batches (left padding); a batch runs until its longest
     request is done, and only the tokens each request asked for count as output."""
     from transformers import AutoModelForCausalLM
@@ -112,7 +112,12 @@ def run_throughput(
 
     ``lab_cpu_gemm`` lists the CPU matrix-product strategies to run the lab engine with
     (:mod:`servinglab.model.cpu_gemm`); more than one gives one lab row each, an ablation.
+    ``dtype="auto"`` is resolved once (:mod:`servinglab.model.dtypes`), so every system runs the same dtype.
     """
+    from servinglab.model.dtypes import cpu_summary, resolve_dtype
+
+    asked, dtype = dtype, resolve_dtype(dtype, "cpu")
+    print(f"dtype {asked} -> {dtype} (CPU: {cpu_summary()})")
     def lab_runner(mode: str):
         name = "lab engine" if len(lab_cpu_gemm) == 1 else f"lab engine, cpu_gemm={mode}"
         return lambda: bench_lab(model_dir, workload, dtype, name=name, cpu_gemm=mode)

@@ -58,7 +58,10 @@ def vllm_generate(
         ``{"token_ids": [[...], ...], "elapsed_s": float, "output_tokens": int, "build": str}``;
         ``elapsed_s`` covers ``generate`` alone, not start-up.
     """
-    engine = {"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": True, "gpu_memory_utilization": 0.3, **(engine or {})}
+    from servinglab.model.dtypes import resolve_dtype
+
+    engine = {"dtype": resolve_dtype((engine or {}).get("dtype", "auto"), "cpu"), "max_model_len": 1024, "enforce_eager": True, "gpu_memory_utilization": 0.3,
+              **{k: v for k, v in (engine or {}).items() if k != "dtype"}}
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
         src.write_text(json.dumps({"model": str(model_dir), "prompts": prompt_token_ids, "sampling": sampling, "engine": engine}))

@@ -20,7 +20,10 @@ def _hf_greedy(model_dir: str, prompt_ids: list[int]) -> list[int]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    from servinglab.model.dtypes import resolve_dtype
+
+    # The dtype vLLM's child runs too (dtype "auto", resolved the lab's way), so the two can agree exactly.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, resolve_dtype("auto", "cpu")))
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NUM_TOKENS, do_sample=False, pad_token_id=model.config.eos_token_id)
     return out[0, len(prompt_ids):].tolist()
 
@@ -46,6 +49,24 @@ def run_doctor(with_vllm: bool = True) -> int:
 
         cuda = f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no CUDA device (CPU path)"
         return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cuda}"
+
+    def cpu_check() -> str:
+        import torch
+
+        from servinglab.model.cpu_gemm import cpu_has_amx, gemm_mode, sgemm_beats_packed
+        from servinglab.model.dtypes import cpu_has_native_bf16, cpu_summary, resolve_dtype
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = resolve_dtype("auto", device)
+        why = "CUDA" if device == "cuda" else ("native bf16 (AVX512-BF16/AMX/ARM BF16)" if cpu_has_native_bf16()
+                                               else "no native bf16 on this CPU: bf16 would be emulated, about 3x slower")
+        if device == "cuda" or dtype == "float32":
+            gemm = "torch (F.linear)" if device == "cuda" else "torch (float32: MKL sgemm, no repacking)"
+        else:
+            mode = gemm_mode(None)
+            sgemm = mode == "auto" and not cpu_has_amx() and sgemm_beats_packed()
+            gemm = f"{mode}: packed oneDNN bf16 weights" + (", float32 sgemm from 48 rows (measured faster here)" if sgemm else "")
+        return f"{cpu_summary()}; dtype auto -> {dtype} ({why}); matrix products: {gemm}"
 
     def vllm_check() -> str:
         from servinglab.bench.vllm_baseline import vllm_build
@@ -86,6 +107,7 @@ def run_doctor(with_vllm: bool = True) -> int:
         return f"{same}/{NUM_TOKENS} greedy tokens identical"
 
     check("torch", torch_check)
+    check("cpu and dtype", cpu_check)
     check("vllm", vllm_check)
     check("model", model_check)
     if "model_dir" in facts:

@@ -4,6 +4,7 @@
 - :mod:`.engine` ``LLMEngine``, the continuous-batching step loop that calls the
   student's scheduler (Part 4) and block manager (Part 2);
 - :mod:`.runner` ``ModelRunner``, turns a scheduled batch into tensors for the model;
+  :mod:`.cuda_runner` its CUDA version (pinned uploads, CUDA-graph decode, ``enforce_eager``);
 - :mod:`.llm` ``LLM``, the offline API; :mod:`.async_engine` the asyncio front (Part 6);
 - :mod:`.sampling`, :mod:`.outputs`, and :mod:`.spec_decode` / :mod:`.draft_model`
   (speculative decoding, Part 5).

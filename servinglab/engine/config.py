@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from servinglab.model.cpu_gemm import CPU_GEMM_MODES
+from servinglab.model.dtypes import DTYPE_CHOICES, DTYPES, resolve_dtype
+from servinglab.model.quant import DEFAULT_GROUP_SIZE, check_method
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -19,7 +20,9 @@ class EngineConfig:
 
     Attributes:
         model: a Hugging Face model folder (``servinglab prepare-model`` makes the course's).
-        dtype: weights, activations and KV cache: ``float32``, ``bfloat16`` or ``float16``.
+        dtype: weights, activations and KV cache: ``auto`` (vLLM's default: bfloat16 on GPUs
+            and on CPUs with native bfloat16, float32 on other CPUs; see
+            :mod:`servinglab.model.dtypes`), ``float32``, ``bfloat16`` or ``float16``.
         max_model_len: longest sequence (prompt + output) served; default: the model's
             ``max_position_embeddings`` capped at 2048.
         block_size: tokens per KV block (vLLM's default 16; the paper's best range is 16-128).
@@ -37,10 +40,22 @@ class EngineConfig:
             oneDNN weights, float32 sgemm for big batches without AMX), ``onednn`` (packed
             only) or ``torch`` (plain ``F.linear``); ``None`` reads ``SERVINGLAB_CPU_GEMM``,
             default ``auto``. See :mod:`servinglab.model.cpu_gemm`.
+        enforce_eager: on CUDA, run every step eagerly instead of replaying captured
+            CUDA graphs for decode steps (vLLM's flag, default ``False``); no effect on a
+            CPU. See :mod:`servinglab.engine.cuda_runner`.
+        tensor_parallel_size: ranks the model is split over (Part 9, Megatron-style; vLLM's
+            name): ``k`` worker processes, one per GPU on CUDA. It must divide the model's
+            heads, KV heads, intermediate size and vocabulary (checked at start-up).
+            ``kv_cache_memory_gib`` is per rank. See :mod:`servinglab.engine.tp_executor`.
+        quantization: weight-only quantization of the decoder's projections (vLLM's name;
+            Part 8): ``None`` (default), ``"int8"`` (per output channel) or ``"int4"``
+            (group-wise); the embedding / LM head stay in ``dtype``. See :mod:`servinglab.model.quant`.
+        quantization_group_size: INT4 group size, 32, 64 (default: divides SmolLM2's 576
+            and 1536) or 128; it must divide every projection's input width.
     """
 
     model: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
     max_num_seqs: int = 256
@@ -53,13 +68,18 @@ class EngineConfig:
     seed: int = 0
     speculative_config: dict[str, Any] | None = None
     cpu_gemm: str | None = None
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    quantization: str | None = None
+    quantization_group_size: int = DEFAULT_GROUP_SIZE
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.cpu_gemm is not None and self.cpu_gemm not in CPU_GEMM_MODES:
             raise ValueError(f"cpu_gemm must be one of {CPU_GEMM_MODES} or None, got {self.cpu_gemm!r}")
+        check_method(self.quantization, self.quantization_group_size)  # names the parameter and allowed values
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -68,6 +88,13 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        if tp > 1 and self.speculative_config is not None:
+            raise ValueError("speculative_config is not supported with tensor_parallel_size > 1")
+        if tp > 1 and self.quantization is not None:
+            raise ValueError("quantization is not supported with tensor_parallel_size > 1")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
@@ -81,8 +108,13 @@ class EngineConfig:
             )
 
     @property
+    def resolved_dtype(self) -> str:
+        """The concrete dtype name: ``dtype``, or what ``auto`` means on this device."""
+        return resolve_dtype(self.dtype, self.torch_device)
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[self.resolved_dtype]
 
     @property
     def torch_device(self) -> torch.device:

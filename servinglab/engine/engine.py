@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from servinglab.model.cache import KVCacheSpec, allocate_kv_cache
+from servinglab.model.cache import KVCacheSpec, allocate_kv_cache, pool_num_blocks
 from servinglab.engine.config import EngineConfig
 from servinglab.impl import load_part
 from servinglab.interfaces import SchedulerOutput
 from servinglab.engine.output_processor import OutputProcessor
 from servinglab.engine.outputs import RequestMetrics, RequestOutput
 from servinglab.engine.stall import raise_if_stalled
-from servinglab.engine.runner import ModelRunner
+from servinglab.engine.cuda_runner import make_runner
 from servinglab.engine.sampling import SamplingParams, make_generator, sample
 from servinglab.sequence import Sequence, SequenceStatus
 
@@ -66,6 +66,14 @@ class LLMEngine:
 
         self.config = config
         self.device = config.torch_device
+        self.tp_executor = None
+        # Part 9: k worker ranks hold the model (servinglab.engine.tp_executor); vLLM's
+        # distributed_executor_backend="mp" forces worker processes at k = 1 too (one NCCL rank on one GPU).
+        if config.tensor_parallel_size > 1 or config.extra.get("distributed_executor_backend") == "mp":
+            from servinglab.engine.tp_executor import TPExecutor
+
+            self.tp_executor = model = TPExecutor(config, model, hf_config)
+            hf_config, tokenizer = model.hf_config, tokenizer or model.load_tokenizer()
         if model is None:
             if config.model is None:
                 raise ValueError("model must be a model folder (run `servinglab prepare-model`) or a model object")
@@ -78,6 +86,10 @@ class LLMEngine:
             raise ValueError("hf_config is required when a model object is passed")
         else:
             model = model.to(device=self.device)  # a ready model may come from the CPU
+        if config.quantization is not None:  # Part 8: before packing (cpu_gemm only re-lays plain nn.Linear)
+            from servinglab.model.quant import quantize_model
+
+            quantize_model(model, config.quantization, config.quantization_group_size)
         if self.device.type == "cpu" and hasattr(model, "prepack_cpu_weights"):
             model.prepack_cpu_weights(config.cpu_gemm)  # bf16/fp16 oneDNN weight packing (servinglab.model.cpu_gemm)
         self.model, self.hf_config, self.tokenizer = model, hf_config, tokenizer
@@ -89,13 +101,12 @@ class LLMEngine:
         self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
 
-        self.kv_spec = KVCacheSpec.from_hf_config(hf_config)
-        bytes_per_block = 2 * self.kv_spec.num_layers * self.kv_spec.num_kv_heads * self.kv_spec.head_dim
-        bytes_per_block *= config.block_size * torch.empty((), dtype=config.torch_dtype).element_size()
-        self.num_kv_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gib * 2**30 // bytes_per_block)
-        if self.num_kv_blocks < 1:
-            raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no {bytes_per_block}-byte block")
-        kv_caches = allocate_kv_cache(self.kv_spec, self.num_kv_blocks, config.block_size, config.torch_dtype, self.device)
+        # With tensor parallelism a block holds one rank's num_kv_heads / k heads: k times the blocks per GiB.
+        self.kv_spec = KVCacheSpec.from_hf_config(hf_config if self.tp_executor is None else self.tp_executor.local_config)
+        self.num_kv_blocks = config.num_kv_blocks or pool_num_blocks(  # Part 1 sizes the pool
+            self.kv_spec, config.kv_cache_memory_gib, config.block_size, config.torch_dtype)
+        kv_caches = [] if self.tp_executor is not None else allocate_kv_cache(
+            self.kv_spec, self.num_kv_blocks, config.block_size, config.torch_dtype, self.device)
 
         self.block_manager = load_part("block_manager").PagedAttentionConfig(
             num_blocks=self.num_kv_blocks, block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching
@@ -106,7 +117,10 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
-        self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device)
+        self.runner = make_runner(self.model, kv_caches, config, self.device, self.max_model_len) if self.tp_executor is None \
+            else self.tp_executor.start_cache(self.num_kv_blocks)  # every rank allocates its share of the blocks
+        if hasattr(self.runner, "slot_of"):
+            self.runner.slot_of = self.block_manager.get_slot  # every step's slot mapping comes from Part 2
         self.spec_decoder = None  # speculative decoding (servinglab.engine.spec_decode), when configured
         if config.speculative_config is not None:
             from servinglab.engine.spec_decode import SpeculativeDecoder

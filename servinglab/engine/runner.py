@@ -15,7 +15,7 @@ target's distributions at every draft position come out of the same forward pass
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +70,8 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = int(kv_caches[0][0].shape[0])
         self.device = torch.device(device)
+        # Part 2's ``get_slot(seq_id, position)``; the engine sets it to its block manager's.
+        self.slot_of: Callable[[int, int], int] | None = None
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
@@ -151,27 +153,46 @@ class ModelRunner:
         table_np = np.zeros((num_seqs, max_blocks), dtype=np.int64)  # padded with block 0
         for b, t in enumerate(tables):
             table_np[b, : len(t)] = t
-        # slot = block_table[p // block_size] * block_size + p % block_size (vLLM, section 4.1)
-        slots = table_np[seq_of_row, positions // bs] * bs + positions % bs
+        # Every new token's cache slot comes from the student's Part 2 (``get_slot``:
+        # block_table[p // block_size] * block_size + p % block_size, vLLM paper section 4.1);
+        # without a block manager (tests that drive the runner alone) the same formula runs here.
+        if self.slot_of is not None:
+            ids_of_row = [item.seq.seq_id for item in out.scheduled for _ in range(item.num_new_tokens)]
+            slots = np.fromiter(map(self.slot_of, ids_of_row, positions.tolist()), dtype=np.int64, count=num_rows)
+        else:
+            slots = table_np[seq_of_row, positions // bs] * bs + positions % bs
 
+        t = self.upload({
+            "slot_mapping": slots, "block_tables": table_np.astype(np.int32), "context_lens": ctx_np.astype(np.int32),
+            "query_start_loc": query_start_loc.astype(np.int32), "input_ids": np.asarray(token_ids, dtype=np.int64),
+            "positions": positions, "logits_indices": np.asarray(logits_rows, dtype=np.int64),
+        })
         metadata = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            block_tables=self._tensor(table_np.astype(np.int32)),
-            context_lens=self._tensor(ctx_np.astype(np.int32)),
-            query_start_loc=self._tensor(query_start_loc.astype(np.int32)),
+            slot_mapping=t["slot_mapping"],
+            block_tables=t["block_tables"],
+            context_lens=t["context_lens"],
+            query_start_loc=t["query_start_loc"],
             max_query_len=max(q_lens),
             max_context_len=max(ctx_lens),
             context_lens_list=ctx_lens,
             query_lens_list=q_lens,
         )
         return PreparedBatch(
-            input_ids=self._tensor(np.asarray(token_ids, dtype=np.int64)),
-            positions=self._tensor(positions),
+            input_ids=t["input_ids"],
+            positions=t["positions"],
             metadata=metadata,
-            logits_indices=self._tensor(np.asarray(logits_rows, dtype=np.int64)),
+            logits_indices=t["logits_indices"],
             sample_seqs=sample_seqs,
             num_logits=num_logits,
         )
+
+    def upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The step's index arrays as tensors on the runner's device (one call per step).
+
+        On a CPU this wraps the arrays without a copy; the CUDA runner
+        (:mod:`servinglab.engine.cuda_runner`) packs them into one pinned buffer and one copy.
+        """
+        return {name: self._tensor(array) for name, array in arrays.items()}
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: for each ``(src, dst)``, copy block ``src`` into ``dst`` in every layer's K and V."""

@@ -5,7 +5,11 @@
 - :mod:`.weights` loads a Hugging Face folder into it; :mod:`.prepare` makes the
   course's model folder from the offline GGUF (``servinglab prepare-model``);
 - :mod:`.cache` allocates the per-layer KV blocks; :mod:`.cpu_gemm` the CPU matrix
-  product kernels.
+  product kernels;
+- on CUDA: :mod:`.triton` the Triton kernels (KV write, paged decode with split-KV,
+  prefill/extend over block tables, fused RMSNorm / RoPE / SiLU-and-mul),
+  :mod:`.attention_backend` Part 3's two functions served by them, :mod:`.gpu_ops` the
+  fused forward, :mod:`.cuda_graphs` decode steps as CUDA-graph replays.
 
 May import: :mod:`servinglab.interfaces`, :mod:`servinglab.sequence`,
 :mod:`servinglab.impl`. Knows nothing of requests, scheduling or serving.

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from servinglab.impl import load_part
+
 
 @dataclass(frozen=True)
 class KVCacheSpec:
@@ -27,6 +29,25 @@ class KVCacheSpec:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return cls(config.num_hidden_layers, kv_heads, head_dim)
+
+
+def pool_num_blocks(spec: KVCacheSpec, memory_gib: float, block_size: int, dtype: torch.dtype) -> int:
+    """How many KV blocks fit ``memory_gib``, by the student's Part 1 (``kv_cache.num_kv_blocks``).
+
+    The whole budget is KV (the weights live elsewhere, as with ``VLLM_CPU_KVCACHE_SPACE``).
+
+    Raises:
+        ValueError: the budget holds no block (naming ``kv_cache_memory_gib`` and the block's bytes).
+    """
+    block_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * block_size * torch.empty((), dtype=dtype).element_size()
+    try:
+        blocks = load_part("kv_cache").num_kv_blocks(spec, int(memory_gib * 2**30), gpu_memory_utilization=1.0,
+                                                   block_size=block_size, dtype=dtype, weight_bytes=0)
+    except ValueError as exc:
+        raise ValueError(f"kv_cache_memory_gib={memory_gib} holds no {block_bytes}-byte block") from exc
+    if blocks < 1:
+        raise ValueError(f"kv_cache_memory_gib={memory_gib} holds no {block_bytes}-byte block")
+    return blocks
 
 
 def allocate_kv_cache(

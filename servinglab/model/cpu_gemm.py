@@ -33,6 +33,7 @@ tricks; sgemm only without AMX), ``onednn`` (packed weights only) or ``torch`` (
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -68,6 +69,36 @@ def cpu_has_amx() -> bool:
         return "amx_bf16" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+
+
+@functools.cache
+def sgemm_beats_packed(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Measure once per process whether float32 sgemm beats the packed kernel at a big batch.
+
+    Which one wins depends on the CPU, not only on its flags: on a 2-core Xeon with
+    AVX512-BF16 (no AMX) sgemm was 1.28x faster end to end, on a 2-core AMD EPYC Zen 5 with
+    AVX512-BF16 the packed bf16 kernel was 2.1x faster (``bench throughput --lab-cpu-gemm
+    auto onednn torch``, one run each). So ``auto`` times both on SmolLM2's MLP shape
+    (64 rows x 576 -> 1536), best of 5, and keeps sgemm only for a clear win (> 10%).
+    """
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(1536, 576, generator=gen) * 0.02).to(dtype)
+    x = torch.randn(64, 576, generator=gen).to(dtype)
+    fast = CpuLinear.from_weight(weight, None, sgemm=True)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(6):
+            start = time.perf_counter()
+            for _ in range(4):
+                fn(x)
+            times.append(time.perf_counter() - start)
+        return min(times[1:])  # the first call warms the kernel up
+
+    with torch.inference_mode():
+        return best(fast.forward_sgemm) * 1.1 < best(fast.forward_packed)
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -162,7 +193,7 @@ def prepack_linears(model: nn.Module, mode: str | None = None) -> int:
     mode = gemm_mode(mode)
     if first is None or mode == "torch" or not packing_supported(first.dtype, first.device):
         return 0
-    sgemm = mode == "auto" and not cpu_has_amx()
+    sgemm = mode == "auto" and not cpu_has_amx() and sgemm_beats_packed(first.dtype)
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear]
     try:

@@ -15,6 +15,7 @@ which turn seven small matrix products per layer into four
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -193,6 +194,22 @@ class LlamaForCausalLM(nn.Module):
         # there is no separate lm_head parameter to load or store.
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._cpu_lm_head: cpu_gemm.CpuLinear | None = None  # set by prepack_cpu_weights
+        self._fused_forward: Callable[..., torch.Tensor] | None = None  # set by set_fused_forward (CUDA)
+
+    def set_attention(self, attention: ModuleType) -> None:
+        """Route every layer's attention through ``attention`` (Part 3's two functions).
+
+        On CUDA the engine passes :mod:`servinglab.model.attention_backend` (Triton kernels).
+        """
+        self.attention = attention
+        for layer in self.model.layers:
+            layer.self_attn.attention = attention
+
+    def set_fused_forward(self, forward: Callable[..., torch.Tensor] | None) -> None:
+        """Let :meth:`forward` call ``forward`` instead (same arguments and result; ``None``: the
+        PyTorch layers). :func:`servinglab.model.gpu_ops.enable_gpu_kernels` installs the fused
+        CUDA forward here; kept out of the module tree, so it is no submodule or state."""
+        self.__dict__["_fused_forward"] = forward
 
     def prepack_cpu_weights(self, mode: str | None = None) -> int:
         """Pre-pack the matrix-product weights for oneDNN (bfloat16/float16 on a CPU).
@@ -238,6 +255,8 @@ class LlamaForCausalLM(nn.Module):
         """
         if len(kv_caches) != len(self.model.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model has {len(self.model.layers)}")
+        if self._fused_forward is not None:
+            return self._fused_forward(input_ids, positions, metadata, kv_caches)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions, x.dtype)  # shared by every layer
         for layer, kv_cache in zip(self.model.layers, kv_caches):

@@ -1,6 +1,6 @@
 """Graded tests for Part 1: KV-cache memory math.
 
-Model shapes are the published config.json values collected in REFERENCE.md (layers,
+Model shapes are the published config.json values collected in docs/references.md (layers,
 hidden, heads, kv heads, head_dim, vocab) plus each config.json's ``intermediate_size``
 and ``tie_word_embeddings``. Expected numbers are worked out here from first principles,
 not read back from the code under test.
@@ -42,23 +42,23 @@ def llama_params(layers, hidden, heads, kv, hd, vocab, inter, tied) -> int:
 @pytest.mark.part(1)
 @pytest.mark.points(2)
 def test_bytes_per_token_of_published_models(kv_cache):
-    """REFERENCE.md: Llama-2-13B needs 800 KiB per token in fp16 (the vLLM paper's OPT-13B figure)."""
+    """docs/references.md: Llama-2-13B needs 800 KiB per token in fp16 (the vLLM paper's OPT-13B figure)."""
     per_token = lambda name, dt: kv_cache.calculate_kv_cache_memory(shape(kv_cache, name), 1, dtype=dt).bytes_per_token
-    assert per_token("Llama-2-13B", "float16") == 800 * KIB
-    assert per_token("Llama-2-7B", "float16") == 512 * KIB
-    assert per_token("Llama-2-70B", "float16") == 2 * 80 * 8 * 128 * 2 == 320 * KIB  # GQA: 8 kv heads
-    assert per_token("Llama-3.1-8B", "bfloat16") == 2 * 32 * 8 * 128 * 2 == 128 * KIB
-    assert per_token("SmolLM2-135M", "bfloat16") == 2 * 30 * 3 * 64 * 2 == 23040
+    assert per_token("Llama-2-13B", "float16") == 800 * KIB, "Llama-2-13B fp16 needs 800 KiB per token: KV bytes per token = 2 x layers x kv_heads x head_dim x bytes per element"
+    assert per_token("Llama-2-7B", "float16") == 512 * KIB, "Llama-2-7B fp16 needs 512 KiB per token: KV bytes per token = 2 x layers x kv_heads x head_dim x bytes per element"
+    assert per_token("Llama-2-70B", "float16") == 2 * 80 * 8 * 128 * 2 == 320 * KIB, "Llama-2-70B has 8 KV heads (GQA): use num_kv_heads x head_dim, not hidden_size"  # GQA: 8 kv heads
+    assert per_token("Llama-3.1-8B", "bfloat16") == 2 * 32 * 8 * 128 * 2 == 128 * KIB, "Llama-3.1-8B has 8 KV heads (GQA): use num_kv_heads x head_dim, not hidden_size"
+    assert per_token("SmolLM2-135M", "bfloat16") == 2 * 30 * 3 * 64 * 2 == 23040, "SmolLM2-135M: 2 x 30 layers x 3 KV heads x 64 x 2 bytes = 23,040"
 
 
 @pytest.mark.part(1)
 @pytest.mark.points(1)
 def test_per_sequence_and_per_batch(kv_cache):
     mem = kv_cache.calculate_kv_cache_memory(shape(kv_cache, "Llama-2-13B"), seq_len=4096, batch_size=8, dtype="fp16")
-    assert mem.bytes_per_token == 800 * KIB
-    assert mem.bytes_per_sequence == 800 * KIB * 4096
-    assert mem.total_bytes == 800 * KIB * 4096 * 8
-    assert mem.total_gib == pytest.approx(25.0)  # 3.125 GiB per 4k-token sequence
+    assert mem.bytes_per_token == 800 * KIB, "bytes_per_token of Llama-2-13B in fp16 should be 800 KiB"
+    assert mem.bytes_per_sequence == 800 * KIB * 4096, "bytes_per_sequence = bytes_per_token x seq_len"
+    assert mem.total_bytes == 800 * KIB * 4096 * 8, "total_bytes = bytes_per_sequence x batch_size"
+    assert mem.total_gib == pytest.approx(25.0), "total_gib = total_bytes / 2**30"  # 3.125 GiB per 4k-token sequence
 
 
 @pytest.mark.part(1)
@@ -78,7 +78,7 @@ def test_dtype_names_and_torch_dtypes(kv_cache):
 @pytest.mark.part(1)
 @pytest.mark.points(2)
 def test_seed_formula_overstates_gqa_models(kv_cache):
-    """REFERENCE.md: a hidden_size-based formula overstates GQA models by heads / kv_heads."""
+    """docs/references.md: a hidden_size-based formula overstates GQA models by heads / kv_heads."""
     expected_ratio = {"Llama-2-70B": 8, "Llama-3.1-8B": 4, "SmolLM2-135M": 3, "Llama-2-13B": 1, "Llama-2-7B": 1}
     for name, ratio in expected_ratio.items():
         s = shape(kv_cache, name)
@@ -100,13 +100,13 @@ def test_from_config_json(kv_cache, tmp_path):
     (tmp_path / "llama31" / "config.json").write_text(json.dumps(cfg))
     for source in (tmp_path / "llama31", tmp_path / "llama31" / "config.json", str(tmp_path / "llama31"), cfg):
         s = kv_cache.ModelShape.from_config(source)
-        assert kv_cache.calculate_kv_cache_memory(s, 1, dtype="bf16").bytes_per_token == 128 * KIB
+        assert kv_cache.calculate_kv_cache_memory(s, 1, dtype="bf16").bytes_per_token == 128 * KIB, "from_config: read num_key_value_heads and head_dim from config.json"
     # An older config without num_key_value_heads or head_dim means plain multi-head attention.
     old = {k: v for k, v in cfg.items() if k not in ("num_key_value_heads", "head_dim")}
     (tmp_path / "old.json").write_text(json.dumps(old))
     s = kv_cache.ModelShape.from_config(tmp_path / "old.json")
-    assert (s.num_kv_heads, s.head_dim) == (32, 128)
-    assert kv_cache.calculate_kv_cache_memory(s, 1, dtype="bf16").bytes_per_token == 512 * KIB
+    assert (s.num_kv_heads, s.head_dim) == (32, 128), "from_config: num_key_value_heads missing means one KV head per attention head; head_dim = hidden / heads"
+    assert kv_cache.calculate_kv_cache_memory(s, 1, dtype="bf16").bytes_per_token == 512 * KIB, "from_config: the shape read from config.json gives the wrong KV bytes per token"
 
 
 @pytest.mark.part(1)
@@ -134,13 +134,13 @@ def expected_fit(name: str, seq_len: int, weight_dtype_bytes: int, tp: int = 1, 
 def test_max_concurrent_sequences_on_80gb(kv_cache):
     # Llama-2-7B fp16: 72 GiB budget - 12.55 GiB weights = 59.45 GiB of 8 MiB blocks -> 7609 blocks, 256 per 4k seq.
     s7 = shape(kv_cache, "Llama-2-7B")
-    assert expected_fit("Llama-2-7B", 4096, 2) == (7609, 29)
-    assert kv_cache.num_kv_blocks(s7, GPU_80GB, gpu_memory_utilization=0.9, block_size=16, dtype="float16") == 7609
-    assert kv_cache.max_concurrent_sequences(s7, GPU_80GB, 4096, gpu_memory_utilization=0.9, dtype="float16") == 29
+    assert expected_fit("Llama-2-7B", 4096, 2) == (7609, 29), "the test's own reference calculation changed (course bug, not yours)"
+    assert kv_cache.num_kv_blocks(s7, GPU_80GB, gpu_memory_utilization=0.9, block_size=16, dtype="float16") == 7609, "num_kv_blocks: (memory x utilization - weight bytes) // (block_size x KV bytes per token)"
+    assert kv_cache.max_concurrent_sequences(s7, GPU_80GB, 4096, gpu_memory_utilization=0.9, dtype="float16") == 29, "max_concurrent_sequences = num_kv_blocks // ceil(seq_len / block_size)"
     # A sequence one token past a block boundary needs a whole extra block.
-    assert kv_cache.max_concurrent_sequences(s7, GPU_80GB, 4097, dtype="float16") == 7609 // 257
+    assert kv_cache.max_concurrent_sequences(s7, GPU_80GB, 4097, dtype="float16") == 7609 // 257, "a 4,097-token sequence needs ceil(4097 / 16) = 257 blocks"
     s31 = shape(kv_cache, "Llama-3.1-8B")
-    assert kv_cache.max_concurrent_sequences(s31, GPU_80GB, 4096, dtype="bf16") == expected_fit("Llama-3.1-8B", 4096, 2)[1]
+    assert kv_cache.max_concurrent_sequences(s31, GPU_80GB, 4096, dtype="bf16") == expected_fit("Llama-3.1-8B", 4096, 2)[1], "Llama-3.1-8B: GQA (8 KV heads) fits about four times the requests of Llama-2-7B"
     # Llama-2-70B cannot fit on one 80 GiB GPU in fp16; with TP=4 each GPU holds a quarter of weights and KV heads.
     s70 = shape(kv_cache, "Llama-2-70B")
     assert kv_cache.max_concurrent_sequences(s70, GPU_80GB, 4096, dtype="fp16", tensor_parallel_size=4) == \
@@ -148,7 +148,7 @@ def test_max_concurrent_sequences_on_80gb(kv_cache):
     # Explicit weight bytes, activations and an fp8 cache.
     got = kv_cache.num_kv_blocks(s31, GPU_80GB, 0.5, 32, "bf16", kv_cache_dtype="fp8", weight_bytes=16 * GIB,
                                  activation_bytes=2 * GIB)
-    assert got == (40 * GIB - 16 * GIB - 2 * GIB) // (32 * 2 * 32 * 8 * 128 * 1)
+    assert got == (40 * GIB - 16 * GIB - 2 * GIB) // (32 * 2 * 32 * 8 * 128 * 1), "with weight_bytes and activation_bytes given, both come off the budget before dividing into blocks"
 
 
 @pytest.mark.part(1)
@@ -160,18 +160,18 @@ def test_prediction_matches_real_allocation(kv_cache):
     for dtype, num_blocks, block_size in ((torch.bfloat16, 12, 16), (torch.float32, 5, 32), (torch.bfloat16, 3, 1)):
         real = kv_cache_nbytes(allocate_kv_cache(spec, num_blocks, block_size, dtype))
         tokens = num_blocks * block_size
-        assert kv_cache.calculate_kv_cache_memory(s, seq_len=tokens, dtype=dtype).total_bytes == real
-        assert kv_cache.calculate_kv_cache_memory(s, seq_len=block_size, batch_size=num_blocks, dtype=dtype).total_bytes == real
+        assert kv_cache.calculate_kv_cache_memory(s, seq_len=tokens, dtype=dtype).total_bytes == real, "the prediction must equal the bytes servinglab.model.cache really allocates"
+        assert kv_cache.calculate_kv_cache_memory(s, seq_len=block_size, batch_size=num_blocks, dtype=dtype).total_bytes == real, "blocks x block_size tokens must predict exactly the allocated bytes"
         # Given exactly that much memory for the cache, num_kv_blocks finds the same number of blocks.
-        assert kv_cache.num_kv_blocks(s, real, 1.0, block_size, dtype, weight_bytes=0) == num_blocks
-        assert kv_cache.num_kv_blocks(s, real - 1, 1.0, block_size, dtype, weight_bytes=0) == num_blocks - 1
+        assert kv_cache.num_kv_blocks(s, real, 1.0, block_size, dtype, weight_bytes=0) == num_blocks, "memory that holds exactly num_blocks blocks must give num_blocks"
+        assert kv_cache.num_kv_blocks(s, real - 1, 1.0, block_size, dtype, weight_bytes=0) == num_blocks - 1, "one byte less than num_blocks blocks must give num_blocks - 1 (round down)"
 
 
 @pytest.mark.part(1)
 @pytest.mark.points(2)
 def test_bad_input_raises_value_error(kv_cache):
     s = shape(kv_cache, "Llama-3.1-8B")
-    assert kv_cache.max_concurrent_sequences(s, GPU_80GB, 4096, dtype="bf16") > 0  # good input works
+    assert kv_cache.max_concurrent_sequences(s, GPU_80GB, 4096, dtype="bf16") > 0, "valid input must give a positive answer"  # good input works
     with pytest.raises(ValueError, match="seq_len"):
         kv_cache.calculate_kv_cache_memory(s, seq_len=0)
     with pytest.raises(ValueError, match="batch_size"):

@@ -119,8 +119,8 @@ def test_write_to_kv_cache_fills_exactly_the_slots(paged_attention, block_size):
         torch.testing.assert_close(v_cache[s // block_size, s % block_size], value[t], rtol=0, atol=0)
     untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
     untouched[slots] = False
-    assert torch.equal(k_cache.view(-1, kv_heads, head_dim)[untouched], k_before.view(-1, kv_heads, head_dim)[untouched])
-    assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[untouched], v_before.view(-1, kv_heads, head_dim)[untouched])
+    assert torch.equal(k_cache.view(-1, kv_heads, head_dim)[untouched], k_before.view(-1, kv_heads, head_dim)[untouched]), "write_to_kv_cache changed a K slot that slot_mapping does not name"
+    assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[untouched], v_before.view(-1, kv_heads, head_dim)[untouched]), "write_to_kv_cache changed a V slot that slot_mapping does not name"
 
 
 @pytest.mark.part(3)
@@ -178,7 +178,7 @@ def test_smollm2_head_layout(paged_attention):
     case = make_case(specs, 9, 3, head_dim=64, block_size=16, seed=40, pad_blocks=3)
     fused = torch.cat([case.query, torch.randn(case.query.shape[0], 3, 64)], dim=1)
     case.query = fused[:, :9]
-    assert not case.query.is_contiguous()
+    assert not case.query.is_contiguous(), "the test builds a non-contiguous query on purpose (course bug if this fails)"
     check(paged_attention, case)
 
 
@@ -188,7 +188,7 @@ def test_leaves_inputs_unchanged(paged_attention):
     case = make_case([(10, 10), (21, 1), (8, 3)], 4, 2, block_size=4, seed=50)
     before = [t.clone() for t in (case.query, case.k_cache, case.v_cache, case.metadata.block_tables)]
     out = paged_attention.paged_attention(case.query, case.k_cache, case.v_cache, case.metadata, case.scale)
-    assert out.dtype == case.query.dtype
+    assert out.dtype == case.query.dtype, "paged_attention must return the query's dtype"
     for t, b in zip((case.query, case.k_cache, case.v_cache, case.metadata.block_tables), before):
         assert torch.equal(t, b), "paged_attention must not modify its inputs"
 

@@ -95,32 +95,37 @@ class FakeEngine:
             assert any(p is r for r in before), "only running sequences can be preempted"
             idx = next(i for i, r in enumerate(before) if r is p)
             assert all(not any(s.seq is r for s in out.scheduled) for r in before[idx:]), "preempt the newest first"
-        assert out.num_batched_tokens <= sched.max_num_batched_tokens
-        assert len(out.scheduled) <= sched.max_num_seqs
-        assert len(sched.running) <= sched.max_num_seqs
+        assert out.num_batched_tokens <= sched.max_num_batched_tokens, (
+            f"step schedules {out.num_batched_tokens} tokens, over max_num_batched_tokens={sched.max_num_batched_tokens}")
+        assert len(out.scheduled) <= sched.max_num_seqs, f"{len(out.scheduled)} sequences scheduled, max_num_seqs={sched.max_num_seqs}"
+        assert len(sched.running) <= sched.max_num_seqs, f"{len(sched.running)} running, max_num_seqs={sched.max_num_seqs}"
         ids = [s.seq.seq_id for s in out.scheduled]
         assert len(ids) == len(set(ids)), "a sequence was scheduled twice in one step"
         for s in out.scheduled:
             seq = s.seq
             assert s.num_new_tokens >= 1, "a sequence was scheduled with no new tokens"
-            assert seq.status is SequenceStatus.RUNNING
-            assert any(r is seq for r in sched.running)
-            assert seq.num_computed_tokens + s.num_new_tokens <= seq.num_tokens
+            assert seq.status is SequenceStatus.RUNNING, (
+                f"scheduled sequence {seq.seq_id} has status {seq.status}: admission sets seq.status = RUNNING")
+            assert any(r is seq for r in sched.running), f"scheduled sequence {seq.seq_id} is not in scheduler.running"
+            assert seq.num_computed_tokens + s.num_new_tokens <= seq.num_tokens, (
+                f"sequence {seq.seq_id}: {seq.num_computed_tokens} computed + {s.num_new_tokens} new > its {seq.num_tokens} tokens")
             # The K/V slots this step writes must exist in the block table.
-            assert len(bm.block_tables[seq.seq_id]) * bm.block_size >= seq.num_computed_tokens + s.num_new_tokens
+            assert len(bm.block_tables[seq.seq_id]) * bm.block_size >= seq.num_computed_tokens + s.num_new_tokens, (
+                f"sequence {seq.seq_id} is scheduled for slots its block table does not have: call append_slots")
             if not sched.enable_chunked_prefill:
                 assert s.num_new_tokens == seq.num_uncomputed_tokens, "chunked a prefill with chunking off"
         for seq in out.preempted:
-            assert seq.status is SequenceStatus.WAITING
-            assert seq.num_computed_tokens == 0
-            assert any(w is seq for w in sched.waiting)
-            assert not any(r is seq for r in sched.running)
-            assert not bm.block_tables.get(seq.seq_id)
+            assert seq.status is SequenceStatus.WAITING, f"a preempted sequence gets status WAITING, got {seq.status}"
+            assert seq.num_computed_tokens == 0, "preemption by recompute drops the K/V: num_computed_tokens = 0"
+            assert any(w is seq for w in sched.waiting), "a preempted sequence goes back into waiting (at the front)"
+            assert not any(r is seq for r in sched.running), "a preempted sequence must leave running"
+            assert not bm.block_tables.get(seq.seq_id), "a preempted sequence must give back its blocks (deallocate_blocks)"
 
     def assert_all_free(self) -> None:
-        assert self.bm.num_free_blocks == self.bm.num_blocks
-        assert self.bm.get_stats().num_used_blocks == 0
-        assert not any(self.bm.block_tables.values())
+        assert self.bm.num_free_blocks == self.bm.num_blocks, (
+            f"{self.bm.num_blocks - self.bm.num_free_blocks} blocks leaked after every sequence finished")
+        assert self.bm.get_stats().num_used_blocks == 0, "blocks still in use after every sequence finished"
+        assert not any(self.bm.block_tables.values()), "block tables left behind after every sequence finished"
 
 
 def new_tokens(out: SchedulerOutput) -> list[tuple[Sequence, int]]:
@@ -131,16 +136,17 @@ def new_tokens(out: SchedulerOutput) -> list[tuple[Sequence, int]]:
 def test_prefill_then_decode(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler)
     a, b, c = eng.add(5), eng.add(3), eng.add(7)
-    assert (eng.sched.num_waiting, eng.sched.num_running) == (3, 0)
+    assert (eng.sched.num_waiting, eng.sched.num_running) == (3, 0), "add_sequence queues in waiting; nothing runs yet"
     out = eng.step()
-    assert new_tokens(out) == [(a, 5), (b, 3), (c, 7)]
-    assert eng.sched.running == [a, b, c] and eng.sched.num_waiting == 0
-    assert all(s.first_scheduled_time is not None for s in (a, b, c))
-    assert new_tokens(eng.step()) == [(a, 1), (b, 1), (c, 1)]
+    assert new_tokens(out) == [(a, 5), (b, 3), (c, 7)], "the first step prefills every whole prompt, in arrival order"
+    assert eng.sched.running == [a, b, c] and eng.sched.num_waiting == 0, "admitted sequences move to running, in order"
+    assert all(s.first_scheduled_time is not None for s in (a, b, c)), (
+        "admission sets seq.first_scheduled_time (time.perf_counter()) when it is None")
+    assert new_tokens(eng.step()) == [(a, 1), (b, 1), (c, 1)], "after the prefill each sequence decodes 1 token per step"
     eng.run()
-    assert [len(s.output_token_ids) for s in (a, b, c)] == [4, 4, 4]
+    assert [len(s.output_token_ids) for s in (a, b, c)] == [4, 4, 4], "every sequence reaches its 4 tokens"
     assert all(s.status is SequenceStatus.FINISHED_LENGTH for s in (a, b, c))
-    assert not eng.sched.has_unfinished() and eng.sched.num_running == 0
+    assert not eng.sched.has_unfinished() and eng.sched.num_running == 0, "finish_sequence removes finished sequences"
     eng.assert_all_free()
 
 
@@ -148,10 +154,10 @@ def test_prefill_then_decode(block_manager, scheduler):
 def test_token_budget_respected_every_step(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, max_num_batched_tokens=8)
     seqs = [eng.add(10 + i, max_tokens=5) for i in range(6)]
-    assert eng.step().num_batched_tokens == 8  # the first prompt alone fills the budget
+    assert eng.step().num_batched_tokens == 8, "the first 10-token prompt alone fills the 8-token budget (chunked)"
     eng.run()  # FakeEngine.check asserts the budget on every step
-    assert all(out.num_batched_tokens <= 8 for out in eng.outputs)
-    assert all(len(s.output_token_ids) == 5 for s in seqs)
+    assert all(out.num_batched_tokens <= 8 for out in eng.outputs), "a step went over max_num_batched_tokens=8"
+    assert all(len(s.output_token_ids) == 5 for s in seqs), "every sequence reaches its 5 tokens"
     eng.assert_all_free()
 
 
@@ -160,14 +166,14 @@ def test_max_num_seqs_respected(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, max_num_seqs=2)
     seqs = [eng.add(3, max_tokens=2 + i) for i in range(5)]
     out = eng.step()
-    assert [s for s, _ in new_tokens(out)] == seqs[:2]
-    assert (eng.sched.num_running, eng.sched.num_waiting) == (2, 3)
+    assert [s for s, _ in new_tokens(out)] == seqs[:2], "max_num_seqs=2: only the first two are admitted"
+    assert (eng.sched.num_running, eng.sched.num_waiting) == (2, 3), "three wait while two run"
     eng.step()  # seqs[0] reaches its 2 tokens and leaves
     out = eng.step()
-    assert [s for s, _ in new_tokens(out)] == [seqs[1], seqs[2]]
+    assert [s for s, _ in new_tokens(out)] == [seqs[1], seqs[2]], "the next waiting one takes the freed seat at once"
     eng.run()
-    assert max(len(o.scheduled) for o in eng.outputs) == 2
-    assert all(len(s.output_token_ids) == 2 + i for i, s in enumerate(seqs))
+    assert max(len(o.scheduled) for o in eng.outputs) == 2, "never more than max_num_seqs=2 in a step"
+    assert all(len(s.output_token_ids) == 2 + i for i, s in enumerate(seqs)), "every sequence reaches its target length"
     eng.assert_all_free()
 
 
@@ -175,15 +181,15 @@ def test_max_num_seqs_respected(block_manager, scheduler):
 def test_running_before_waiting(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, max_num_batched_tokens=2)
     a, b = eng.add(1, max_tokens=2), eng.add(1, max_tokens=5)
-    assert new_tokens(eng.step()) == [(a, 1), (b, 1)]
+    assert new_tokens(eng.step()) == [(a, 1), (b, 1)], "two 1-token prompts fill the 2-token budget"
     c = eng.add(4, max_tokens=3)
     # The two decodes take the whole budget: the newcomer waits.
-    assert new_tokens(eng.step()) == [(a, 1), (b, 1)]
-    assert list(eng.sched.waiting) == [c] and a.is_finished
+    assert new_tokens(eng.step()) == [(a, 1), (b, 1)], "running decodes are served before a waiting prompt"
+    assert list(eng.sched.waiting) == [c] and a.is_finished, "c waits: the decodes took the whole budget"
     # a left; b decodes first, c gets only the leftover token.
-    assert new_tokens(eng.step()) == [(b, 1), (c, 1)]
+    assert new_tokens(eng.step()) == [(b, 1), (c, 1)], "b decodes first; c gets a 1-token chunk of what is left"
     eng.run()
-    assert [len(s.output_token_ids) for s in (a, b, c)] == [2, 5, 3]
+    assert [len(s.output_token_ids) for s in (a, b, c)] == [2, 5, 3], "every sequence reaches its target length"
     eng.assert_all_free()
 
 
@@ -194,12 +200,12 @@ def test_fcfs_admission_no_skipping(block_manager, scheduler):
     eng.step()
     big = eng.add(12, max_tokens=1)  # 3 blocks: does not fit next to a
     small = eng.add(2, max_tokens=1)  # 1 block: would fit, but must not overtake big
-    assert new_tokens(eng.step()) == [(a, 1)]
-    assert list(eng.sched.waiting) == [big, small]
+    assert new_tokens(eng.step()) == [(a, 1)], "big does not fit next to a, and small must not overtake it"
+    assert list(eng.sched.waiting) == [big, small], "first come first served: the head blocks the queue"
     assert a.is_finished
-    assert new_tokens(eng.step()) == [(big, 12), (small, 2)]
+    assert new_tokens(eng.step()) == [(big, 12), (small, 2)], "once a left, both are admitted in arrival order"
     eng.run()
-    assert eng.admission_order == [a.seq_id, big.seq_id, small.seq_id]
+    assert eng.admission_order == [a.seq_id, big.seq_id, small.seq_id], "admission must follow arrival order"
     eng.assert_all_free()
 
 
@@ -212,16 +218,16 @@ def test_chunked_prefill_interleaves_with_decode(block_manager, scheduler):
     chunks = []
     for _ in range(4):
         out = eng.step()
-        assert out.scheduled[0].seq is a and out.scheduled[0].num_new_tokens == 1  # a keeps decoding
-        assert out.scheduled[1].seq is b
+        assert out.scheduled[0].seq is a and out.scheduled[0].num_new_tokens == 1, "a keeps decoding, first, every step"
+        assert out.scheduled[1].seq is b, "b's prefill is chunked into the budget left after a's decode"
         chunks.append(out.scheduled[1].num_new_tokens)
         if len(chunks) < 4:
-            assert b.output_token_ids == []  # no sample until the whole prompt is in
-    assert chunks == [3, 3, 3, 2]
+            assert b.output_token_ids == [], "no sample until the whole prompt is computed"
+    assert chunks == [3, 3, 3, 2], f"11 prompt tokens in chunks of the 3 left of a 4-token budget, got {chunks}"
     assert b.num_computed_tokens == 11 and len(b.output_token_ids) == 1
-    assert new_tokens(eng.step()) == [(a, 1), (b, 1)]
+    assert new_tokens(eng.step()) == [(a, 1), (b, 1)], "after its last chunk b decodes like a"
     eng.run()
-    assert (len(a.output_token_ids), len(b.output_token_ids)) == (10, 2)
+    assert (len(a.output_token_ids), len(b.output_token_ids)) == (10, 2), "both reach their target lengths"
     eng.assert_all_free()
 
 
@@ -231,12 +237,12 @@ def test_no_chunking_when_disabled(block_manager, scheduler):
     a = eng.add(2, max_tokens=3)
     eng.step()
     b = eng.add(7, max_tokens=2)
-    assert new_tokens(eng.step()) == [(a, 1), (b, 7)]  # 1 + 7 fits the budget exactly
+    assert new_tokens(eng.step()) == [(a, 1), (b, 7)], "1 decode + a whole 7-token prompt fit the 8-token budget"
     c = eng.add(8, max_tokens=1)
     # 8 tokens never fit beside the decodes of a and b: c waits whole, it is not split.
-    assert new_tokens(eng.step()) == [(a, 1), (b, 1)]
-    assert list(eng.sched.waiting) == [c]
-    assert new_tokens(eng.step()) == [(c, 8)]  # a and b have finished
+    assert new_tokens(eng.step()) == [(a, 1), (b, 1)], "chunking off: c's 8 tokens do not fit the 6 left, so c waits"
+    assert list(eng.sched.waiting) == [c], "chunking off: a prompt runs whole or waits"
+    assert new_tokens(eng.step()) == [(c, 8)], "once a and b finished, c runs whole"
     eng.run()
     eng.assert_all_free()
 
@@ -245,23 +251,25 @@ def test_no_chunking_when_disabled(block_manager, scheduler):
 def test_preempts_newest_then_resumes(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, num_blocks=4, block_size=4)
     a, b = eng.add(7, max_tokens=4), eng.add(7, max_tokens=4)
-    assert new_tokens(eng.step()) == [(a, 7), (b, 7)]  # 2 blocks each: the pool is full
+    assert new_tokens(eng.step()) == [(a, 7), (b, 7)], "both prompts prefill: 2 blocks each, the pool is full"
     c = eng.add(2, max_tokens=2)  # no free block: c waits
-    assert new_tokens(eng.step()) == [(a, 1), (b, 1)]  # position 7 still fits block 1
+    assert new_tokens(eng.step()) == [(a, 1), (b, 1)], "position 7 still fits each one's second block"
     out = eng.step()  # a needs a third block: b, the newest, gives its blocks back
-    assert out.preempted == [b]
-    assert new_tokens(out) == [(a, 1)]
-    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.num_preemptions == 1
-    assert list(eng.sched.waiting) == [b, c]  # back at the front, ahead of later arrivals
-    assert eng.sched.running == [a]
-    assert len(b.output_token_ids) == 2  # tokens are kept; only their K/V is dropped
-    assert a.num_preemptions == 0
+    assert out.preempted == [b], "a needs a block and none is free: preempt the newest running sequence, b"
+    assert new_tokens(out) == [(a, 1)], "after preempting b, a gets its block and decodes"
+    assert b.status is SequenceStatus.WAITING, "a preempted sequence gets status WAITING"
+    assert b.num_computed_tokens == 0, "preemption by recompute sets num_computed_tokens = 0"
+    assert b.num_preemptions == 1, "_preempt must increment seq.num_preemptions"
+    assert list(eng.sched.waiting) == [b, c], "a preempted sequence goes to the FRONT of waiting (appendleft)"
+    assert eng.sched.running == [a], "a preempted sequence leaves running"
+    assert len(b.output_token_ids) == 2, "tokens are kept; only their K/V is dropped"
+    assert a.num_preemptions == 0, "only the preempted sequence's num_preemptions grows"
     eng.step()  # a finishes
     assert a.is_finished
     out = eng.step()  # b is recomputed: prompt and generated tokens in one go
-    assert new_tokens(out) == [(b, 9), (c, 2)]
+    assert new_tokens(out) == [(b, 9), (c, 2)], "b is readmitted first and recomputes prompt + generated tokens (7 + 2)"
     eng.run()
-    assert [len(s.output_token_ids) for s in (a, b, c)] == [4, 4, 2]
+    assert [len(s.output_token_ids) for s in (a, b, c)] == [4, 4, 2], "every sequence reaches its target length"
     assert b.status is SequenceStatus.FINISHED_LENGTH
     eng.assert_all_free()
 
@@ -272,11 +280,11 @@ def test_preempts_itself_when_newest(block_manager, scheduler):
     a, b = eng.add(5, max_tokens=3), eng.add(4, max_tokens=2)  # 2 + 1 blocks: full
     eng.step()
     out = eng.step()  # b, the newest, needs a second block: it preempts itself
-    assert new_tokens(out) == [(a, 1)]
-    assert out.preempted == [b] and list(eng.sched.waiting) == [b]
-    assert b.num_preemptions == 1 and a.num_preemptions == 0
+    assert new_tokens(out) == [(a, 1)], "b, the newest, cannot grow: it preempts itself and only a runs"
+    assert out.preempted == [b] and list(eng.sched.waiting) == [b], "b is preempted and queued in waiting"
+    assert b.num_preemptions == 1 and a.num_preemptions == 0, "_preempt must increment seq.num_preemptions (b's only)"
     eng.run()
-    assert (len(a.output_token_ids), len(b.output_token_ids)) == (3, 2)
+    assert (len(a.output_token_ids), len(b.output_token_ids)) == (3, 2), "both reach their target lengths"
     eng.assert_all_free()
 
 
@@ -286,12 +294,12 @@ def test_prefix_cache_hits_set_num_computed_tokens(block_manager, scheduler):
     prompt = list(range(100, 110))
     a = eng.add(prompt, max_tokens=2)
     eng.run()
-    assert a.num_cached_tokens == 0
+    assert a.num_cached_tokens == 0, "nothing was cached before a: num_cached_tokens = allocate_blocks(...) = 0"
     b = eng.add(prompt[:8] + [7, 8, 9], max_tokens=2)  # shares a's two full blocks
     out = eng.step()
-    assert new_tokens(out) == [(b, 3)]  # only the uncached tail is computed
-    assert b.num_cached_tokens == 8
-    assert b.num_computed_tokens == 11  # 8 from the cache + 3 this step
+    assert new_tokens(out) == [(b, 3)], "only the uncached tail (3 tokens) is computed"
+    assert b.num_cached_tokens == 8, "admission sets num_cached_tokens to allocate_blocks' hit count"
+    assert b.num_computed_tokens == 11, "num_computed_tokens starts at the hit count (8), + 3 this step"
     eng.run()
     assert len(b.output_token_ids) == 2
     eng.assert_all_free()
@@ -306,15 +314,15 @@ def test_fork_sequence_shares_blocks(block_manager, scheduler):
     child = Sequence(prompt_token_ids=list(a.prompt_token_ids), output_token_ids=list(a.output_token_ids))
     eng.targets[child.seq_id] = 3
     eng.sched.fork_sequence(a, child)
-    assert eng.sched.running == [a, child, d]  # right after its parent
-    assert child.status is SequenceStatus.RUNNING
-    assert child.num_computed_tokens == a.num_computed_tokens == 6
-    assert eng.bm.block_tables[child.seq_id] == eng.bm.block_tables[a.seq_id]
+    assert eng.sched.running == [a, child, d], "the child is inserted in running right after its parent"
+    assert child.status is SequenceStatus.RUNNING, "fork_sequence sets the child's status to RUNNING"
+    assert child.num_computed_tokens == a.num_computed_tokens == 6, "the child starts with the parent's num_computed_tokens"
+    assert eng.bm.block_tables[child.seq_id] == eng.bm.block_tables[a.seq_id], "the child shares the parent's blocks (fork)"
     out = eng.step()
-    assert new_tokens(out) == [(a, 1), (child, 1), (d, 1)]
+    assert new_tokens(out) == [(a, 1), (child, 1), (d, 1)], "parent, child, then d decode"
     # Position 6 lies in a's shared second block: writing it needs a copy-on-write.
-    assert len(out.block_copies) >= 1
-    assert eng.bm.block_tables[child.seq_id][1] != eng.bm.block_tables[a.seq_id][1]
+    assert len(out.block_copies) >= 1, "writing into a shared block needs a copy: collect append_slots' copies"
+    assert eng.bm.block_tables[child.seq_id][1] != eng.bm.block_tables[a.seq_id][1], "copy-on-write split the shared block"
     eng.run()
     assert len(child.output_token_ids) == 3 and child.is_finished
     eng.assert_all_free()
@@ -325,19 +333,19 @@ def test_finish_and_abort_free_blocks(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, num_blocks=8, block_size=4, max_num_seqs=1)
     a, b = eng.add(6), eng.add(3)
     eng.step()
-    assert eng.bm.num_free_blocks == 6 and list(eng.sched.waiting) == [b]
+    assert eng.bm.num_free_blocks == 6 and list(eng.sched.waiting) == [b], "max_num_seqs=1: a runs (2 blocks), b waits"
     with pytest.raises(ValueError):
         eng.sched.finish_sequence(a)  # still RUNNING: the engine sets a finished status first
     eng.sched.abort_sequence(a)
     assert a.status is SequenceStatus.FINISHED_ABORTED
-    assert eng.sched.running == [] and eng.bm.num_free_blocks == 8
+    assert eng.sched.running == [] and eng.bm.num_free_blocks == 8, "finish_sequence removes it from running, frees its blocks"
     eng.sched.abort_sequence(a)  # idempotent
     eng.sched.finish_sequence(a)
-    assert eng.bm.num_free_blocks == 8
+    assert eng.bm.num_free_blocks == 8, "finishing twice must not free anything twice"
     b.status = SequenceStatus.FINISHED_STOPPED  # finishing a waiting sequence just drops it
     eng.sched.finish_sequence(b)
-    assert b.status is SequenceStatus.FINISHED_STOPPED
-    assert not eng.sched.has_unfinished() and eng.sched.schedule().is_empty
+    assert b.status is SequenceStatus.FINISHED_STOPPED, "finish_sequence keeps the status the engine set"
+    assert not eng.sched.has_unfinished() and eng.sched.schedule().is_empty, "a finished waiting sequence leaves waiting"
     eng.assert_all_free()
 
 
@@ -347,7 +355,7 @@ def test_rejects_what_can_never_fit(block_manager, scheduler):
     with pytest.raises(ValueError) as err:
         eng.add(37)  # needs 10 blocks, the pool has 7
     assert re.search(r"\b10\b", str(err.value)) and re.search(r"\b7\b", str(err.value)), "name both block counts"
-    assert eng.sched.num_waiting == 0
+    assert eng.sched.num_waiting == 0, "a refused sequence must not be queued"
     eng.add(28)  # exactly the pool: fine
     with pytest.raises(ValueError):
         eng.add([])
@@ -413,7 +421,7 @@ def test_random_workloads_finish_cleanly(block_manager, scheduler, workload):
         step += 1
         assert step <= 5_000, "scheduler did not finish the workload (livelock?)"
     for seq in added:
-        assert seq.status is SequenceStatus.FINISHED_LENGTH
-        assert len(seq.output_token_ids) == eng.targets[seq.seq_id]
-    assert eng.admission_order == [s.seq_id for s in added]  # first come, first served
+        assert seq.status is SequenceStatus.FINISHED_LENGTH, f"sequence {seq.seq_id} never finished"
+        assert len(seq.output_token_ids) == eng.targets[seq.seq_id], f"sequence {seq.seq_id} has the wrong number of tokens"
+    assert eng.admission_order == [s.seq_id for s in added], "first come, first served: admission must follow arrival"
     eng.assert_all_free()

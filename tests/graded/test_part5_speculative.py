@@ -6,7 +6,7 @@ by Pearson's chi-square test at a false-alarm rate of ALPHA = 1e-3: a correct sa
 fails a given test with probability 1e-3 over seeds, and the seeds here are fixed, so
 the outcome is reproducible. Rejection rule, acceptance rate and the expected-speedup
 formulas are from Leviathan et al., ICML 2023 (arXiv 2211.17192), as collected in
-REFERENCE.md.
+docs/references.md.
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ def test_emitted_tokens_follow_target(speculative, draft):
     ids, q = sample_drafts(DRAFTS[draft], N, 2, gen)
     target = torch.stack([P, p1, P]).expand(N, 3, -1)
     out, num_accepted = speculative.rejection_sample(ids, q, target, gen)
-    assert out.shape == (N, 3) and num_accepted.shape == (N,)
+    assert out.shape == (N, 3) and num_accepted.shape == (N,), "rejection_sample returns (tokens [batch, k + 1], num_accepted [batch])"
     assert_law(out[:, 0], P, f"position 0, draft {draft}")
     second = out[num_accepted >= 1, 1]
-    assert len(second) > 1000
+    assert len(second) > 1000, "too few rows reached a second token: check that accepted rows continue"
     assert_law(second, p1, f"position 1, draft {draft}")
 
 
@@ -110,7 +110,7 @@ def test_acceptance_rate_is_overlap(speculative):
     gen = torch.Generator().manual_seed(2)
     for name, q in DRAFTS.items():
         beta = float(torch.minimum(P, q).sum())
-        assert float(speculative.expected_acceptance_rate(P, q)) == pytest.approx(beta)
+        assert float(speculative.expected_acceptance_rate(P, q)) == pytest.approx(beta), "expected_acceptance_rate is sum over tokens of min(p, q)"
         ids, qs = sample_drafts(q, N, 1, gen)
         _, num_accepted = speculative.rejection_sample(ids, qs, P.expand(N, 2, -1), gen)
         rate = num_accepted.double().mean().item()
@@ -128,7 +128,7 @@ def test_deterministic_proposer_keeps_target_law(speculative):
         rows = ids[:, 0] == x
         assert_law(out[rows, 0], P, f"proposal {x}")
         rate = num_accepted[rows].double().mean().item()
-        assert abs(rate - float(P[x])) < 5 * (float(P[x]) * (1 - float(P[x])) / int(rows.sum())) ** 0.5
+        assert abs(rate - float(P[x])) < 5 * (float(P[x]) * (1 - float(P[x])) / int(rows.sum())) ** 0.5, "with a one-hot (deterministic) draft, it must be accepted with probability p(x)"
 
 
 @pytest.mark.part(5)
@@ -144,8 +144,8 @@ def test_greedy_accepts_exactly_the_argmax(speculative):
     ]:
         for draft_probs in (None, torch.full((1, 4, 6), 1 / 6)):
             out, num_accepted = speculative.rejection_sample(torch.tensor([drafts]), draft_probs, target, None)
-            assert int(num_accepted[0]) == accepted
-            assert out[0].tolist() == emitted + [-1] * (5 - len(emitted))
+            assert int(num_accepted[0]) == accepted, "greedy: accept while the draft equals the target's argmax, stop at the first mismatch"
+            assert out[0].tolist() == emitted + [-1] * (5 - len(emitted)), "after the accepted drafts emit the target's argmax, then pad with -1"
 
 
 @pytest.mark.part(5)
@@ -156,7 +156,7 @@ def test_all_accepted_adds_a_bonus_token_from_p(speculative):
     sure = torch.nn.functional.one_hot(torch.tensor([2, 3]), 6).float()
     target = torch.cat([sure, P.unsqueeze(0)]).expand(N, 3, -1)
     out, num_accepted = speculative.rejection_sample(torch.tensor([[2, 3]]).expand(N, 2), None, target, gen)
-    assert bool((num_accepted == 2).all()) and bool((out[:, :2] == torch.tensor([2, 3])).all())
+    assert bool((num_accepted == 2).all()) and bool((out[:, :2] == torch.tensor([2, 3])).all()), "all drafts accepted: emit them and a bonus token sampled from the last target distribution"
     assert_law(out[:, 2], P, "bonus token")
 
 
@@ -168,18 +168,18 @@ def test_batch_rows_are_independent(speculative):
     target = torch.nn.functional.one_hot(choice, 6).float()
     drafts = torch.tensor([[1, 2, 3], [1, 0, 3], [1, 1, 1], [5, 4, 3]])
     out, num_accepted = speculative.rejection_sample(drafts, None, target, None)
-    assert num_accepted.tolist() == [3, 1, 0, 3]
-    assert out.tolist() == [[1, 2, 3, 4], [1, 2, -1, -1], [0, -1, -1, -1], [5, 4, 3, 2]]
+    assert num_accepted.tolist() == [3, 1, 0, 3], "each row stops at its own first rejection"
+    assert out.tolist() == [[1, 2, 3, 4], [1, 2, -1, -1], [0, -1, -1, -1], [5, 4, 3, 2]], "rows are padded with -1 after their last emitted token"
     for b in range(4):
         row, acc = speculative.rejection_sample(drafts[b : b + 1], None, target[b : b + 1], None)
-        assert row[0].tolist() == out[b].tolist() and int(acc[0]) == int(num_accepted[b])
+        assert row[0].tolist() == out[b].tolist() and int(acc[0]) == int(num_accepted[b]), "a row verified alone must give what it gives inside the batch"
     # num_draft_tokens marks padding: a row with n real drafts ends with a bonus token from row n
     out3, acc3 = speculative.rejection_sample(drafts, None, target, None, num_draft_tokens=torch.tensor([3, 1, 0, 2]))
-    assert acc3.tolist() == [3, 1, 0, 2]
-    assert out3.tolist() == [[1, 2, 3, 4], [1, 2, -1, -1], [0, -1, -1, -1], [5, 4, 3, -1]]
-    # verify_candidates is the seed-facing wrapper around the same sampler
+    assert acc3.tolist() == [3, 1, 0, 2], "rows with fewer real drafts (padding) must stop at their own length"
+    assert out3.tolist() == [[1, 2, 3, 4], [1, 2, -1, -1], [0, -1, -1, -1], [5, 4, 3, -1]], "rows with fewer real drafts (padding) must stop at their own length"
+    # verify_candidates is the public (original guide's) wrapper around the same sampler
     out2, acc2 = speculative.SpeculativeDecoding(num_speculative_tokens=3).verify_candidates(drafts, None, target)
-    assert torch.equal(out2, out) and torch.equal(acc2, num_accepted)
+    assert torch.equal(out2, out) and torch.equal(acc2, num_accepted), "verify_candidates must return what rejection_sample returns for the same inputs"
 
 
 @pytest.mark.part(5)
@@ -224,12 +224,12 @@ def test_greedy_generation_equals_plain_greedy(speculative, proposer_kind):
     }[proposer_kind]()
     result = speculative.SpeculativeDecoding().generate_with_speculation(
         target, proposer, prompt, max_tokens=24, params=SamplingParams(temperature=0.0), k=4)
-    assert result.token_ids == plain_greedy(target, prompt, 24)
-    assert result.num_draft_tokens > 0
+    assert result.token_ids == plain_greedy(target, prompt, 24), "greedy speculative decoding must reproduce plain greedy decoding token for token"
+    assert result.num_draft_tokens > 0, "the proposer never proposed anything: call it every step"
     if proposer_kind == "target_as_draft":  # every draft accepted: 5 tokens per target pass
-        assert result.num_accepted_tokens == result.num_draft_tokens and result.num_steps == 5
+        assert result.num_accepted_tokens == result.num_draft_tokens and result.num_steps == 5, "a perfect proposer: every draft accepted, k + 1 tokens per step"
     else:
-        assert result.num_steps >= 24 // 5 and result.num_accepted_tokens <= result.num_draft_tokens
+        assert result.num_steps >= 24 // 5 and result.num_accepted_tokens <= result.num_draft_tokens, "counts: num_steps passes, num_accepted_tokens <= num_draft_tokens"
 
 
 @pytest.mark.part(5)
@@ -249,7 +249,7 @@ def test_sampled_generation_is_exact(speculative, proposer_kind):
     pairs = []
     for _ in range(trials):
         out = spec.generate_with_speculation(target, proposer, prompt, max_tokens=3, params=params, k=2)
-        assert len(out.token_ids) == 3
+        assert len(out.token_ids) == 3, "max_tokens caps the generated tokens"
         pairs.append(out.token_ids[0] * V + out.token_ids[1])
     probs = torch.softmax(target_table, -1)
     joint = (probs[prompt[-1]].unsqueeze(1) * probs).reshape(-1)  # P(t1) P(t2 | t1)
@@ -259,12 +259,12 @@ def test_sampled_generation_is_exact(speculative, proposer_kind):
 @pytest.mark.part(5)
 @pytest.mark.points(1)
 def test_leviathan_formulas(speculative):
-    """REFERENCE.md (Leviathan et al.): a=0.8, g=4 -> 3.362 tokens; speedups 1.921, 2.801, 3.413 at c=0.05."""
-    assert speculative.expected_tokens_per_step(0.8, 4) == pytest.approx(3.362, abs=5e-4)
+    """docs/references.md (Leviathan et al.): a=0.8, g=4 -> 3.362 tokens; speedups 1.921, 2.801, 3.413 at c=0.05."""
+    assert speculative.expected_tokens_per_step(0.8, 4) == pytest.approx(3.362, abs=5e-4), "expected tokens per step = (1 - a^(k+1)) / (1 - a) (Leviathan et al.)"
     for a, want in [(0.6, 1.921), (0.8, 2.801), (0.9, 3.413)]:
-        assert speculative.expected_speedup(a, 4, 0.05) == pytest.approx(want, abs=5e-4)
-    assert speculative.expected_tokens_per_step(1.0, 3) == 4.0 and speculative.expected_tokens_per_step(0.0, 3) == 1.0
-    assert speculative.expected_speedup(0.0, 2, 0.5) == pytest.approx(0.5)
+        assert speculative.expected_speedup(a, 4, 0.05) == pytest.approx(want, abs=5e-4), "speedup = (1 - a^(k+1)) / ((1 - a)(k c + 1)) (Leviathan et al.)"
+    assert speculative.expected_tokens_per_step(1.0, 3) == 4.0 and speculative.expected_tokens_per_step(0.0, 3) == 1.0, "the limits: a = 1 gives k + 1 tokens, a = 0 gives 1 token"
+    assert speculative.expected_speedup(0.0, 2, 0.5) == pytest.approx(0.5), "speedup = tokens per step / (k c + 1)"
 
 
 @pytest.mark.part(5)

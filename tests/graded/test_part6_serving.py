@@ -80,15 +80,15 @@ def blocks_all_free(eng) -> bool:
 @pytest.mark.points(2)
 def test_percentile_interpolates_linearly(serving):
     xs = [40, 15, 50, 20, 35]  # sorted: 15 20 35 40 50
-    assert serving.percentile(xs, 0) == 15 and serving.percentile(xs, 100) == 50
-    assert serving.percentile(xs, 50) == 35
-    assert serving.percentile(xs, 90) == pytest.approx(46.0)  # rank 3.6: 40 + 0.6 * 10
-    assert serving.percentile(xs, 99) == pytest.approx(49.6)  # rank 3.96
-    assert serving.percentile([7.0], 99) == 7.0
+    assert serving.percentile(xs, 0) == 15 and serving.percentile(xs, 100) == 50, "percentile 0 is the minimum, 100 the maximum"
+    assert serving.percentile(xs, 50) == 35, "linear interpolation: rank h = (n - 1) q / 100 on the sorted values"
+    assert serving.percentile(xs, 90) == pytest.approx(46.0), "linear interpolation: rank h = (n - 1) q / 100 on the sorted values"  # rank 3.6: 40 + 0.6 * 10
+    assert serving.percentile(xs, 99) == pytest.approx(49.6), "linear interpolation: rank h = (n - 1) q / 100 on the sorted values"  # rank 3.96
+    assert serving.percentile([7.0], 99) == 7.0, "a single value is every percentile"
     assert xs == [40, 15, 50, 20, 35], "percentile must not sort its input in place"
     data = np.random.default_rng(0).exponential(size=101)
     for q in (1, 37.5, 50, 90, 99):
-        assert serving.percentile(list(data), q) == pytest.approx(np.percentile(data, q))
+        assert serving.percentile(list(data), q) == pytest.approx(np.percentile(data, q)), "percentile must agree with numpy's default (linear) percentile"
     for bad in (-1, 100.5):
         with pytest.raises(ValueError, match="q"):
             serving.percentile(xs, bad)
@@ -116,14 +116,14 @@ def test_latency_stats_on_hand_made_timestamps(serving):
     assert serving.compute_latency_stats(HAND_MADE) == pytest.approx(stats), "(start, token_times) tuples work too"
     # Two tokens that arrive together (one streamed chunk) repeat a timestamp: an ITL of 0.
     burst = serving.compute_latency_stats([(0.0, [0.1, 0.3, 0.3])])
-    assert burst["p50_itl_ms"] == pytest.approx(100) and burst["avg_tpot_ms"] == pytest.approx(100)
+    assert burst["p50_itl_ms"] == pytest.approx(100) and burst["avg_tpot_ms"] == pytest.approx(100), "tokens that arrive together repeat their time: ITL and TPOT count them"
 
 
 @pytest.mark.points(1)
 def test_latency_stats_edge_cases(serving):
     one_token = serving.compute_latency_stats([(0.0, [0.2]), (0.1, [0.3])])
-    assert one_token["avg_ttft_ms"] == pytest.approx(200)
-    assert math.isnan(one_token["avg_tpot_ms"]) and math.isnan(one_token["p99_itl_ms"])
+    assert one_token["avg_ttft_ms"] == pytest.approx(200), "TTFT of a one-token request is its token time - start"
+    assert math.isnan(one_token["avg_tpot_ms"]) and math.isnan(one_token["p99_itl_ms"]), "TPOT and ITL are nan when no request has two tokens"
     for bad in ([], [(0.0, [])], [(0.0, [0.2, 0.1])], [(0.5, [0.2])]):
         with pytest.raises(ValueError, match="request_timestamps"):
             serving.compute_latency_stats(bad)
@@ -133,8 +133,8 @@ def test_latency_stats_edge_cases(serving):
 def test_create_sampling_params_validates(serving):
     eng = serving.vLLMServingEngine("unused-folder", backend="lab")
     p = eng.create_sampling_params(temperature=0.0, top_p=0.9, max_tokens=7, seed=3, ignore_eos=True)
-    assert isinstance(p, SamplingParams)
-    assert (p.temperature, p.top_p, p.max_tokens, p.seed, p.ignore_eos) == (0.0, 0.9, 7, 3, True)
+    assert isinstance(p, SamplingParams), "create_sampling_params returns a SamplingParams"
+    assert (p.temperature, p.top_p, p.max_tokens, p.seed, p.ignore_eos) == (0.0, 0.9, 7, 3, True), "create_sampling_params must pass temperature, top_p, max_tokens, seed and ignore_eos through"
     cases = {"temperature": [-0.5, float("nan")], "top_p": [0.0, 1.5, float("nan")], "max_tokens": [0, -3, 2.5, True]}
     for field, values in cases.items():
         for value in values:
@@ -157,17 +157,17 @@ def test_generate_async_streams_tokens_in_order(serving, tiny, make_engine):
         return [ev async for ev in eng.generate_async(prompts_arg, params_arg)]
 
     events = asyncio.run(collect(prompts, params))
-    assert all(isinstance(ev, serving.StreamEvent) for ev in events)
+    assert all(isinstance(ev, serving.StreamEvent) for ev in events), "generate_async yields StreamEvent objects"
     stamps = [ev.timestamp for ev in events]
     assert stamps == sorted(stamps), "events come in arrival order, stamped when received"
     for i, want in enumerate(expected):
         mine = [ev for ev in events if ev.index == i]
         assert [t for ev in mine for t in ev.token_ids] == want, f"prompt {i}: tokens differ from offline greedy"
         assert len(mine) == len(want), "the lab engine makes one token per step: one event per token"
-        assert [ev.finish_reason for ev in mine] == [None] * (len(mine) - 1) + ["length"]
-    assert blocks_all_free(eng)
+        assert [ev.finish_reason for ev in mine] == [None] * (len(mine) - 1) + ["length"], "finish_reason is None until the last event of a completion"
+    assert blocks_all_free(eng), "every KV block must be free after the stream finished"
     single = asyncio.run(collect(prompts[1], params[0]))  # one prompt, one params object
-    assert {ev.index for ev in single} == {0} and [t for ev in single for t in ev.token_ids] == expected[1][:5]
+    assert {ev.index for ev in single} == {0} and [t for ev in single for t in ev.token_ids] == expected[1][:5], "a single prompt streams as index 0 with the greedy tokens"
     with pytest.raises(ValueError, match="sampling_params"):
         asyncio.run(collect(prompts, params[:2]))
 
@@ -181,12 +181,12 @@ def test_closing_the_stream_aborts_and_frees_blocks(serving, tiny, make_engine):
     async def take_three():
         agen = eng.generate_async(prompts[:2], params)
         seen = [await agen.__anext__() for _ in range(3)]
-        assert eng.engine.has_unfinished_requests()
+        assert eng.engine.has_unfinished_requests(), "the request is still running before the stream is closed"
         await agen.aclose()
         return seen
 
     seen = asyncio.run(take_three())
-    assert len(seen) == 3
+    assert len(seen) == 3, "closing the stream early: only the events before close"
     assert blocks_all_free(eng), "closing generate_async early must abort both requests and free their blocks"
 
 
@@ -196,14 +196,14 @@ def test_benchmark_performance_reports_sane_stats(serving, tiny, make_engine):
     eng = make_engine()
     params = eng.create_sampling_params(temperature=0.0, max_tokens=6, ignore_eos=True)
     stats = eng.benchmark_performance(prompts, num_runs=2, sampling_params=params)
-    assert stats["num_runs"] == 2 and stats["num_requests"] == 2 * len(prompts)
+    assert stats["num_runs"] == 2 and stats["num_requests"] == 2 * len(prompts), "num_runs and num_requests = num_runs x prompts"
     assert stats["total_output_tokens"] == 2 * len(prompts) * 6, "one timestamp per output token"
     for name in ("ttft", "tpot", "itl", "e2e"):
         assert 0 <= stats[f"p50_{name}_ms"] <= stats[f"p90_{name}_ms"] <= stats[f"p99_{name}_ms"], name
-        assert stats[f"avg_{name}_ms"] >= 0
-    assert stats["avg_throughput_tps"] > 0 and stats["request_throughput"] > 0
-    assert 0 < stats["avg_ttft_ms"] <= stats["avg_e2e_ms"]
-    assert blocks_all_free(eng)
+        assert stats[f"avg_{name}_ms"] >= 0, "latencies must be >= 0"
+    assert stats["avg_throughput_tps"] > 0 and stats["request_throughput"] > 0, "throughputs must be positive"
+    assert 0 < stats["avg_ttft_ms"] <= stats["avg_e2e_ms"], "TTFT must be positive and at most E2E"
+    assert blocks_all_free(eng), "every KV block must be free after the benchmark"
     for kwargs, field in (({"prompts": []}, "prompts"), ({"prompts": prompts, "num_runs": 0}, "num_runs")):
         with pytest.raises(ValueError, match=field):
             eng.benchmark_performance(**kwargs)

@@ -146,6 +146,18 @@ def test_engine_config_validation(tiny, kwargs, match):
         make_llm(tiny, **kwargs)
 
 
+def test_kv_pool_is_sized_by_part1(tiny):
+    """Part 1's num_kv_blocks turns kv_cache_memory_gib into the pool (the README's "sizes the KV pool")."""
+    from servinglab.impl import load_part
+
+    engine = make_llm(tiny, kv_cache_memory_gib=0.01).engine
+    want = load_part("kv_cache").num_kv_blocks(engine.kv_spec, int(0.01 * 2**30), gpu_memory_utilization=1.0,
+                                               block_size=4, dtype="float32", weight_bytes=0)
+    assert engine.num_kv_blocks == want == engine.block_manager.num_blocks
+    with pytest.raises(ValueError, match="kv_cache_memory_gib"):
+        make_llm(tiny, kv_cache_memory_gib=1e-9)
+
+
 def test_prompt_token_ids_out_of_vocab(tiny):
     llm = make_llm(tiny)
     with pytest.raises(ValueError, match="prompt token ids"):

@@ -1,0 +1,170 @@
+"""``servinglab bench throughput --device cuda``: the lab engine on a GPU, graphs on and off, vs transformers.
+
+One process, one workload (default: 128 requests, prompts 64..512 and outputs 64..256
+tokens, greedy, EOS ignored), run by
+
+- the lab engine with CUDA graphs (the default) and with ``enforce_eager=True``;
+- transformers ``generate`` in static batches (default 32, left padding, a batch runs
+  to its longest output; only requested tokens count);
+- vLLM, when it is installed (offline ``LLM.generate``, in a child process).
+
+For each lab mode it also measures batch-1 TPOT (one 128-token prompt, 128 output
+tokens: time between the first and the last token over the tokens in between) and a
+decode-step profile at batch 1 and 64 (:mod:`servinglab.bench.gpu_profile`). With
+``--random-weights`` the models are random weights of real configs
+(:mod:`servinglab.bench.gpu_models`): speed does not depend on the values.
+
+Reference machine (one NVIDIA H200, torch 2.11, triton 3.6, transformers 5.17, bf16, the
+reference parts, one run on 2026-12-01; transformers in static batches of **16** in
+that run), command ``SERVINGLAB_IMPL=solutions servinglab bench throughput --device
+cuda --random-weights M --num-requests 128 --min-len 64 --max-len 512 --systems lab hf
+--hf-batch 16``:
+
+| model | system | output tok/s | batch-1 TPOT ms | GPU busy b1 / b64 | launches/step b1 / b64 |
+| --- | --- | --- | --- | --- | --- |
+| 135M | lab, CUDA graphs | 10,855 (60x) | 1.09 | 41% / 43% | 6 / 6 |
+| 135M | lab, eager | 3,871 (21x) | 16.0 | 4% / 3% | 337 / 307 |
+| 135M | transformers bs16 | 181 | 115 | - | - |
+| 1.7B | lab, CUDA graphs | 8,399 (29x) | 1.74 | 61% / 60% | 6 / 6 |
+| 1.7B | lab, eager | 6,881 (24x) | 11.5 | 10% / 13% | 295 / 271 |
+| 1.7B | transformers bs16 | 287 | 61 | - | - |
+
+Greedy tokens were identical with and without CUDA graphs for all 128 requests.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from servinglab.bench.gpu_models import random_gpu_model, transformers_twin
+from servinglab.bench.gpu_profile import profile_gpu_decode
+from servinglab.bench.throughput import ThroughputResult, agreement, throughput_table
+from servinglab.bench.workloads import Request, random_workload
+from servinglab.engine.llm import LLM
+from servinglab.engine.sampling import SamplingParams
+
+ENGINE_ARGS = dict(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=1024, kv_cache_memory_gib=16.0)
+
+
+def _lab_tpot(llm: LLM, prompt_len: int = 128, output_len: int = 128) -> float:
+    """Batch-1 time per output token (ms), first token excluded."""
+    prompt = list(range(100, 100 + prompt_len))
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True), use_tqdm=False)[0]
+    times = out.metrics.token_times
+    return 1000 * (times[-1] - times[0]) / (len(times) - 1)
+
+
+def bench_lab_gpu(model, config, workload: list[Request], enforce_eager: bool, dtype: str) -> tuple[ThroughputResult, dict]:
+    name = "lab engine, eager" if enforce_eager else "lab engine, CUDA graphs"
+    start = time.perf_counter()
+    llm = LLM(model_obj=model, hf_config=config, dtype=dtype, device="cuda", enforce_eager=enforce_eager, **ENGINE_ARGS)
+    startup = time.perf_counter() - start
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
+    prompts = [r.prompt_token_ids for r in workload]
+    llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up (Triton compiles each shape once)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    ids = [o.outputs[0].token_ids for o in outs]
+    extra = {"startup_s": startup, "tpot_ms_batch1": _lab_tpot(llm)}
+    for batch in (1, 64):
+        extra[f"profile_batch{batch}"] = profile_gpu_decode(llm.engine, [list(range(200, 328))] * batch, steps=10)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ThroughputResult(name, len(workload), sum(map(len, ids)), elapsed, ids), extra
+
+
+def bench_hf_gpu(model, config, workload: list[Request], batch_size: int) -> tuple[ThroughputResult, dict]:
+    hf = transformers_twin(model, config)
+    pad = config.eos_token_id
+
+    def run(batch: list[Request], longest: int | None = None) -> None:
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.tensor([[pad] * (width - len(r.prompt_token_ids)) + r.prompt_token_ids for r in batch], device="cuda")
+        mask = torch.tensor([[0] * (width - len(r.prompt_token_ids)) + [1] * len(r.prompt_token_ids) for r in batch], device="cuda")
+        longest = longest or max(r.output_len for r in batch)
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False, pad_token_id=pad)
+
+    with torch.inference_mode():
+        run(workload[:1], 8)  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in tqdm(range(0, len(workload), batch_size), desc="transformers static batches", leave=False):
+            run(workload[i : i + batch_size])
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        one = [Request(list(range(100, 228)), 128)]
+        t0 = time.perf_counter()
+        run(one)
+        torch.cuda.synchronize()
+        tpot = 1000 * (time.perf_counter() - t0) / 128  # includes the prefill: an upper bound
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    result = ThroughputResult(f"transformers static batch {batch_size}", len(workload), sum(r.output_len for r in workload), elapsed)
+    return result, {"tpot_ms_batch1": tpot}
+
+
+def gpu_table(results: list[ThroughputResult], extras: list[dict]) -> str:
+    """The issue's table: tok/s, batch-1 TPOT, GPU-busy share and launches per decode step."""
+    lines = ["| system | output tok/s | vs transformers | batch-1 TPOT ms | step ms b1 / b64 | GPU busy b1 / b64 | launches/step b1 / b64 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    hf = next((r.tokens_per_s for r in results if r.system.startswith("transformers")), None)
+    for r, e in zip(results, extras):
+        ratio = f"{r.tokens_per_s / hf:.1f}x" if hf else "-"
+        p1, p64 = e.get("profile_batch1"), e.get("profile_batch64")
+        prof = (f"{p1['wall_ms']:.2f} / {p64['wall_ms']:.2f}", f"{100 * p1['gpu_busy_share']:.0f}% / {100 * p64['gpu_busy_share']:.0f}%",
+                f"{p1['launches']:.0f} / {p64['launches']:.0f}") if p1 else ("-", "-", "-")
+        lines.append(f"| {r.system} | {r.tokens_per_s:.0f} | {ratio} | {e.get('tpot_ms_batch1', float('nan')):.2f} | {' | '.join(prof)} |")
+    return "\n".join(lines)
+
+
+def run_gpu_throughput(
+    random_weights: str, num_requests: int = 128, prompt_len: tuple[int, int] = (64, 512), output_len: tuple[int, int] = (64, 256),
+    systems: tuple[str, ...] = ("lab", "lab-eager", "hf", "vllm"), hf_batch: int = 32, dtype: str = "bfloat16",
+    seed: int = 0, out_dir: Path = Path("bench_results"),
+) -> list[ThroughputResult]:
+    """Run the GPU comparison on random weights of ``random_weights``; print and save the table."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA device")
+    workload = random_workload(num_requests, prompt_len, output_len, seed=seed)
+    model, config = random_gpu_model(random_weights, getattr(torch, dtype), seed=seed)
+    results, extras = [], []
+    for system in systems:
+        if system == "vllm" and importlib.util.find_spec("vllm") is None:
+            print("vllm: not installed here, skipped")
+            continue
+        if system in ("lab", "lab-eager"):
+            res, extra = bench_lab_gpu(model, config, workload, system == "lab-eager", dtype)
+        elif system == "hf":
+            res, extra = bench_hf_gpu(model, config, workload, hf_batch)
+        elif system == "vllm":
+            raise SystemExit("vllm with --random-weights needs a model folder; run it with --model")
+        else:
+            raise ValueError(f"systems must be among lab, lab-eager, hf, vllm; got {system!r}")
+        print(f"{res.system}: {res.tokens_per_s:.0f} output tok/s {json.dumps(extra)}", flush=True)
+        results.append(res)
+        extras.append(extra)
+    print(f"\n{random_weights} (random weights), {dtype}, {torch.cuda.get_device_name()}, {num_requests} requests, "
+          f"prompt {prompt_len[0]}..{prompt_len[1]}, output {output_len[0]}..{output_len[1]}")
+    print(gpu_table(results, extras))
+    print(throughput_table(results))
+    labs = [r for r in results if r.token_ids is not None]
+    if len(labs) == 2:
+        print(f"greedy tokens identical, CUDA graphs vs eager: {agreement(labs[0].token_ids, labs[1].token_ids, 10**9):.1%} of requests")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"model": random_weights, "dtype": dtype, "results": [
+        {"system": r.system, "tokens_per_s": r.tokens_per_s, "elapsed_s": r.elapsed_s, "output_tokens": r.output_tokens, **e}
+        for r, e in zip(results, extras)]}
+    (out_dir / f"throughput_cuda_{random_weights}.json").write_text(json.dumps(payload, indent=1))
+    return results

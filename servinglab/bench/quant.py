@@ -1,0 +1,250 @@
+"""``servinglab bench quant``: weight bytes, peak memory, decode speed and quality of bf16 / int8 / int4.
+
+One row per variant, all in one process, same workload (speed depends on the shapes, not
+on the values, so random weights of a bigger config are fine for speed):
+
+* **weight bytes**: the model's ``state_dict`` (codes + scales for quantized layers);
+* **peak memory**: CPU, the highest resident set size sampled while the variant loads and
+  runs, minus the size before it loaded (the first row also pays libraries' one-time
+  set-up, and on a bfloat16 CPU its packed oneDNN / float32 copies, see
+  :mod:`servinglab.model.cpu_gemm`); CUDA, ``torch.cuda.max_memory_allocated``, which
+  for ``QuantLinear`` includes the transient dequantized weight of one layer;
+* **decode tok/s at batch 1 and 32**: ``B x N / (t(1 + N tokens) - t(1 token))``, i.e. the
+  time of ``N`` decode steps with the prefill subtracted (after a warm-up run; each time
+  the best of two);
+* **perplexity** on the stdlib docstrings (:mod:`servinglab.bench.quality`, real weights
+  only) and **greedy agreement** with the first row.
+
+The baseline dtype is bfloat16 where the CPU computes in it natively (AVX512-BF16 or AMX
+flags in ``/proc/cpuinfo``) or on CUDA; elsewhere float32, since emulated bfloat16 is
+several times slower there. ``--compile`` adds rows with ``torch.compile`` of the
+decoder layers' projections and MLPs (the attention stays eager: it calls the student's
+paged attention, Python-side planning over block tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from servinglab.bench.quality import PROMPTS, greedy_agreement, perplexity, stdlib_docstring_text, text_fingerprint, token_windows
+
+RANDOM_CONFIGS = {  # from each model's config.json (REFERENCE table in docs/references.md)
+    "smollm2-135m": dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536),
+    "smollm2-1.7b": dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=32, num_key_value_heads=32, intermediate_size=8192),
+}
+
+
+@dataclass
+class QuantRow:
+    """One variant's figures (``None`` where not measured)."""
+
+    name: str
+    dtype: str
+    quantization: str | None
+    compiled: bool
+    weight_bytes: int
+    linear_bytes: int
+    peak_memory_bytes: int
+    decode_tok_s_b1: float
+    decode_tok_s_b32: float
+    perplexity: float | None = None
+    greedy_identical: float | None = None
+    greedy_common_prefix: float | None = None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU has bfloat16 instructions (AVX512-BF16 or AMX); otherwise torch emulates it, slowly."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def baseline_dtype(device: str) -> str:
+    return "bfloat16" if device == "cuda" or cpu_has_native_bf16() else "float32"
+
+
+class PeakRss:
+    """Samples this process's resident set size every 5 ms; ``peak - start`` after ``stop()``."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(0, self.peak - self.start)
+
+
+def load_variant(model_dir: str | None, random_name: str | None, dtype: torch.dtype, device: str):
+    """``(model, hf_config, tokenizer or None)``: fresh weights for one variant."""
+    from servinglab.model.weights import load_model, random_model, tiny_llama_config
+
+    if random_name is not None:
+        config = tiny_llama_config(vocab_size=49152, max_position_embeddings=8192, **RANDOM_CONFIGS[random_name])
+        return random_model(config, dtype=dtype, seed=0), config, None  # the engine moves it to the device
+    from transformers import AutoTokenizer
+
+    model, config = load_model(model_dir, dtype=dtype, device=device)
+    return model, config, AutoTokenizer.from_pretrained(model_dir)
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` each layer's MLP and the attention projections (attention itself stays eager)."""
+    for layer in model.model.layers:
+        layer.mlp = torch.compile(layer.mlp, dynamic=True)
+        layer.self_attn.qkv_proj = torch.compile(layer.self_attn.qkv_proj, dynamic=True)
+        layer.self_attn.o_proj = torch.compile(layer.self_attn.o_proj, dynamic=True)
+
+
+def decode_tok_s(llm, vocab: int, batch: int, steps: int, prompt_len: int = 16) -> float:
+    """Decode tokens/s of ``batch`` sequences: ``N`` steps timed, the prefill run subtracted."""
+    from servinglab.engine.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(3, vocab, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+    def run(tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(2)  # warm-up at this batch size (allocations, compiled graphs, caches)
+    prefill_only = min(run(1) for _ in range(2))
+    with_decode = min(run(1 + steps) for _ in range(2))
+    if with_decode <= prefill_only:
+        raise RuntimeError(f"timing failed: {steps} decode steps measured no time ({with_decode:.4f} s <= {prefill_only:.4f} s); raise --steps")
+    return batch * steps / (with_decode - prefill_only)
+
+
+def run_variant(args: argparse.Namespace, dtype: str, quantization: str | None, compiled: bool, windows, baseline_tokens):
+    """Load, (quantize via the engine), measure; returns ``(row, greedy tokens)``."""
+    from servinglab.engine.llm import LLM
+    from servinglab.engine.sampling import SamplingParams
+    from servinglab.model.quant import weight_bytes
+
+    gc.collect()
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    rss = PeakRss()
+    model, config, tokenizer = load_variant(args.model, args.random_weights, getattr(torch, dtype), args.device)
+    llm = LLM(model_obj=model, hf_config=config, tokenizer=tokenizer, dtype=dtype, device=args.device,
+              quantization=quantization, quantization_group_size=args.group_size, max_num_seqs=64,
+              kv_cache_memory_gib=args.kv_cache_gib, max_model_len=1024)
+    if compiled:
+        compile_blocks(llm.engine.model)
+    wb = weight_bytes(llm.engine.model)
+    b1 = decode_tok_s(llm, config.vocab_size, 1, args.steps)
+    b32 = decode_tok_s(llm, config.vocab_size, 32, args.steps)
+    ppl, tokens = None, None
+    if windows is not None:
+        ppl = perplexity(llm.engine.model, windows, progress=True)
+        params = SamplingParams(temperature=0.0, max_tokens=args.greedy_tokens)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(list(PROMPTS), params, use_tqdm=False)]
+    peak = torch.cuda.max_memory_allocated() if cuda else rss.stop()
+    if cuda:
+        rss.stop()
+    name = (quantization or dtype) + (" + compile" if compiled else "")
+    row = QuantRow(name, dtype, quantization, compiled, wb.total, wb.linear, peak, b1, b32, ppl)
+    if tokens is not None and baseline_tokens is not None:
+        agree = greedy_agreement(baseline_tokens, tokens)
+        row.greedy_identical, row.greedy_common_prefix = agree["identical"], agree["mean_common_prefix"]
+    del llm, model
+    return row, tokens
+
+
+def quant_table(rows: list[QuantRow]) -> str:
+    """Markdown table; speed-ups and memory ratios relative to the first row."""
+    base = rows[0]
+    lines = ["| variant | weights MB | projections MB | peak MB | b1 tok/s | b32 tok/s | b1 vs base | b32 vs base | perplexity | greedy identical |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ppl = "-" if r.perplexity is None else f"{r.perplexity:.3f}"
+        agree = "-" if r.greedy_identical is None else f"{r.greedy_identical:.0%}"
+        lines.append(f"| {r.name} | {r.weight_bytes / 1e6:.1f} | {r.linear_bytes / 1e6:.1f} | {r.peak_memory_bytes / 1e6:.0f} | "
+                     f"{r.decode_tok_s_b1:.1f} | {r.decode_tok_s_b32:.1f} | {r.decode_tok_s_b1 / base.decode_tok_s_b1:.2f}x | "
+                     f"{r.decode_tok_s_b32 / base.decode_tok_s_b32:.2f}x | {ppl} | {agree} |")
+    return "\n".join(lines)
+
+
+def run_bench_quant(args: argparse.Namespace) -> list[QuantRow]:
+    """Every variant of ``args``; prints the table and writes ``quant.json`` to ``args.out``."""
+    from tqdm.auto import tqdm
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for but no CUDA device is available (use --device cpu)")
+    if args.random_weights is None and args.model is None:
+        from servinglab.model.prepare import require_model
+
+        args.model = str(require_model())
+    dtype = args.dtype or baseline_dtype(args.device)
+    windows, fingerprint = None, None
+    if args.random_weights is None:
+        from transformers import AutoTokenizer
+
+        text = stdlib_docstring_text()
+        fingerprint = text_fingerprint(text)
+        ids = AutoTokenizer.from_pretrained(args.model)(text)["input_ids"]
+        windows = token_windows(ids, args.ppl_window, args.ppl_windows)
+    variants = [(None, False), ("int8", False), ("int4", False)]
+    if args.compile:
+        variants += [(q, True) for q, _ in variants]
+    rows: list[QuantRow] = []
+    baseline_tokens = None
+    for quantization, compiled in tqdm(variants, desc="variants"):
+        row, tokens = run_variant(args, dtype, quantization, compiled, windows, baseline_tokens)
+        if baseline_tokens is None:
+            baseline_tokens = tokens
+            if tokens is not None:
+                row.greedy_identical, row.greedy_common_prefix = 1.0, float(args.greedy_tokens)
+        rows.append(row)
+    print(quant_table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"device": args.device, "dtype": dtype, "model": args.random_weights or args.model, "text": fingerprint,
+               "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]}
+    (args.out / "quant.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out / 'quant.json'}")
+    return rows
+
+
+def add_bench_quant_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder (default: the prepared SmolLM2)")
+    p.add_argument("--random-weights", choices=sorted(RANDOM_CONFIGS), default=None, help="random weights of a real config (speed only)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 where native (CUDA, AVX512-BF16/AMX), else float32")
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="INT4 group size")
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size")
+    p.add_argument("--ppl-window", type=int, default=256, help="tokens per perplexity window")
+    p.add_argument("--ppl-windows", type=int, default=16, help="perplexity windows (first of the text)")
+    p.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens per prompt compared with the first row")
+    p.add_argument("--kv-cache-gib", type=float, default=0.5)
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    p.add_argument("--out", type=Path, default=Path("bench_results"))
+
+
+def main_bench_quant(args: argparse.Namespace) -> int:
+    run_bench_quant(args)
+    return 0

@@ -1,0 +1,166 @@
+"""Decode steps as CUDA-graph replays over static input buffers (vLLM's ``CUDAGraphRunner``).
+
+A small model's decode step is hundreds of short kernels; launched one by one from
+Python, the host cannot keep the GPU busy. A CUDA graph records the whole forward once
+per batch size and replays it with a single launch. A graph replays *fixed* addresses,
+so every input lives in a static buffer the step copies into before the replay:
+
+- ``input_ids``, ``positions``, ``slot_mapping``, ``context_lens`` (``[max_batch]`` each)
+  and ``block_tables`` (``[max_batch, max_blocks]``) are views of **one** int32 device
+  buffer, mirrored by one pinned host buffer: the step fills the host copy with NumPy
+  and sends it with a single non-blocking copy (no pageable staging, no per-tensor
+  copies);
+- a batch of ``n`` runs the graph of the next captured size ``>= n``; the padding lanes
+  get slot ``-1`` (the KV write skips them) and context length 0 (attention writes 0);
+- the attention backend may specialise on ``max_context_len`` (the split-KV rule), so
+  each size is captured once per *context bucket* (by default: short contexts, which
+  take the single-pass kernel, and up to ``max_model_len``); a step replays the graph
+  of the smallest bucket that holds its longest context;
+- the capture sizes are vLLM's defaults, ``[1, 2, 4] + range(8, 256, 8) +
+  range(256, max + 1, 16)``, capped by ``max_num_seqs``; larger batches, prefills and
+  mixed steps run eagerly.
+
+The graph holds the decoder up to the final norm; the LM head runs eagerly on the real
+rows only (``n`` rows, not the padded batch).
+
+Without graphs (``enforce_eager``) the same padded step is launched eagerly over the
+same buffers. So both modes run the very same kernels on the very same shapes (a
+matrix product's reduction order depends on its row count, the attention split count
+on the batch size) and greedy decoding gives identical tokens with and without graphs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from servinglab.interfaces import AttentionMetadata
+from servinglab.model.llama import KVCache, LlamaForCausalLM
+
+
+def default_capture_sizes(max_num_seqs: int) -> list[int]:
+    """vLLM's default CUDA-graph batch sizes, those ``<= max_num_seqs``, ascending."""
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    sizes = [1, 2, 4, *range(8, 256, 8), *range(256, max_num_seqs + 1, 16)]
+    return [s for s in sizes if s <= max_num_seqs]
+
+
+class CUDAGraphRunner:
+    """Captures the model's decode step at each batch size and replays it (or launches it eagerly).
+
+    Args:
+        model: the model on CUDA, its fused forward enabled (:mod:`servinglab.model.gpu_ops`).
+        kv_caches: the engine's per-layer caches (the graphs read and write them in place).
+        max_num_seqs: largest decode batch the engine schedules.
+        max_blocks_per_seq: block-table width (``ceil(max_model_len / block_size)``).
+        max_model_len: longest context.
+        capture_sizes: batch sizes to capture (default :func:`default_capture_sizes`).
+        context_buckets: ``max_context_len`` values to capture each size with (at most
+            ``max_model_len``; default: ``max_model_len`` alone).
+    """
+
+    def __init__(
+        self, model: LlamaForCausalLM, kv_caches: list[KVCache], max_num_seqs: int, max_blocks_per_seq: int,
+        max_model_len: int, capture_sizes: list[int] | None = None, context_buckets: list[int] | None = None,
+    ) -> None:
+        self.model, self.kv_caches = model, kv_caches
+        self.device = kv_caches[0][0].device
+        self.sizes = sorted(capture_sizes or default_capture_sizes(max_num_seqs))
+        self.max_batch, self.max_blocks, self.max_model_len = self.sizes[-1], max_blocks_per_seq, max_model_len
+        self.buckets = sorted({min(b, max_model_len) for b in (context_buckets or [])} | {max_model_len})
+        b = self.max_batch
+        # [ids | positions | slots | context lens | block tables], one int32 layout on both sides.
+        self._sections = [0, b, 2 * b, 3 * b, 4 * b]
+        total = 4 * b + b * max_blocks_per_seq
+        self.static = torch.zeros(total, dtype=torch.int32, device=self.device)
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=True)
+        self.host_np = self.host.numpy()
+        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=self.device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (size, context bucket)
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.copy_done = torch.cuda.Event()
+        self.pool = None
+        self._reset_buffers()
+
+    def _reset_buffers(self) -> None:
+        self.host_np[self._sections[2] : self._sections[3]] = -1  # slots: write nothing
+        self.host_np[self._sections[3] : self._sections[4]] = 0  # context lengths: empty
+        self.static.copy_(self.host)
+
+    def _views(self, n: int, bucket: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        ids, pos, slots, ctx, tables = self._sections
+        s = self.static
+        metadata = AttentionMetadata(
+            slot_mapping=s[slots : slots + n], block_tables=s[tables:].view(self.max_batch, self.max_blocks)[:n],
+            context_lens=s[ctx : ctx + n], query_start_loc=self.query_start_loc[: n + 1],
+            max_query_len=1, max_context_len=bucket,
+        )
+        return s[ids : ids + n], s[pos : pos + n], metadata
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Record one graph per capture size, largest first, sharing one memory pool."""
+        self._reset_buffers()
+        for n in reversed(self.sizes):
+            for bucket in self.buckets:
+                ids, pos, metadata = self._views(n, bucket)
+                self.model(ids, pos, metadata, self.kv_caches)  # warm-up: Triton compiles, cuBLAS picks
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.outputs[n, bucket] = self.model(ids, pos, metadata, self.kv_caches)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[n, bucket] = graph
+        torch.cuda.synchronize(self.device)
+
+    def padded_size(self, n: int) -> int | None:
+        """The captured size a batch of ``n`` runs at, or ``None`` when it must run eagerly."""
+        for size in self.sizes:
+            if size >= n:
+                return size
+        return None
+
+    def run(
+        self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, context_lens: np.ndarray,
+        block_tables: np.ndarray,
+    ) -> torch.Tensor:
+        """Replay the decode step of ``n = len(input_ids)`` sequences; return hidden ``[n, hidden]``.
+
+        ``block_tables`` is ``[n, w]`` with ``w <= max_blocks_per_seq``.
+        """
+        n = len(input_ids)
+        size = self.padded_size(n)
+        if size is None or n == 0:
+            raise ValueError(f"batch of {n} is outside the captured sizes 1..{self.max_batch}")
+        if block_tables.shape[1] > self.max_blocks:
+            raise ValueError(f"block tables are {block_tables.shape[1]} wide, the graphs hold {self.max_blocks}")
+        self.copy_done.synchronize()  # the previous step's copy has left the pinned buffer
+        h = self.host_np
+        ids, pos, slots, ctx, tables = self._sections
+        h[ids : ids + n] = input_ids
+        h[pos : pos + n] = positions
+        h[slots : slots + n] = slot_mapping
+        h[slots + n : slots + size] = -1
+        h[ctx : ctx + n] = context_lens
+        h[ctx + n : ctx + size] = 0
+        table_view = h[tables : tables + size * self.max_blocks].reshape(size, self.max_blocks)
+        table_view[:n, : block_tables.shape[1]] = block_tables
+        end = tables + size * self.max_blocks
+        self.static[:end].copy_(self.host[:end], non_blocking=True)
+        self.copy_done.record()
+        longest = int(context_lens.max())
+        bucket = next((b for b in self.buckets if b >= longest), self.max_model_len)
+        graph = self.graphs.get((size, bucket))
+        if graph is None:  # not captured (enforce_eager): the same padded step, launched eagerly
+            with torch.inference_mode():
+                ids_v, pos_v, metadata = self._views(size, bucket)
+                return self.model(ids_v, pos_v, metadata, self.kv_caches)[:n]
+        graph.replay()
+        return self.outputs[size, bucket][:n]
+
+    @property
+    def captured(self) -> bool:
+        """Whether :meth:`capture` recorded the graphs (``False``: padded eager launches)."""
+        return bool(self.graphs)

@@ -1,0 +1,147 @@
+"""Swap the decoder's projections for the student's ``QuantLinear`` (``LLM(..., quantization=...)``).
+
+The engine calls :func:`quantize_model` once, right after the weights load and before
+the CPU kernels pack anything (:mod:`servinglab.model.cpu_gemm` only re-lays modules whose
+type is exactly ``nn.Linear``, so a ``QuantLinear`` is left as it is).
+
+What gets quantized: the four projections of every decoder layer (``qkv_proj``,
+``o_proj``, ``gate_up_proj``, ``down_proj``). What stays in the model dtype:
+
+* the token embedding: a decode step reads only one row of it per token, so its
+  bytes do not limit speed, and quantizing it saves memory but not time;
+* the LM head (SmolLM2 ties it to the embedding): the logits feed sampling directly, so
+  rounding errors there change tokens first. vLLM's GPTQ/AWQ loaders keep ``lm_head``
+  unquantized unless the checkpoint asks otherwise (GPTQ's ``lm_head`` flag); torchao's
+  ``quantize_`` quantizes every ``nn.Linear`` its filter accepts, which includes an untied
+  ``lm_head``; for tied embeddings both keep the shared matrix in full precision;
+* the RMSNorm weights (576 numbers a layer).
+
+For SmolLM2-135M the embedding is 28.3 M of 134.5 M parameters (21%), so INT8 shrinks
+the *whole* model by about 40%, not 50%: :func:`weight_bytes` reports both.
+
+INT4 groups must divide every projection's input width: SmolLM2's are 576 (hidden) and
+1536 (intermediate), so group 128 does not fit (576 = 4.5 x 128) and 32 or 64 do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from servinglab import impl
+
+QUANT_METHODS = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64  # divides both of SmolLM2's input widths (576 and 1536)
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def check_method(method: str | None, group_size: int) -> None:
+    """Raise ``ValueError`` naming ``quantization`` / ``quantization_group_size`` for a bad choice."""
+    if method is not None and method not in QUANT_METHODS:
+        raise ValueError(f"quantization must be one of {QUANT_METHODS} or None, got {method!r}")
+    if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"quantization_group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+
+
+def projection_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """``(parent, attribute, linear)`` for every decoder projection that is a plain ``nn.Linear``."""
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if name in PROJECTIONS and type(child) is nn.Linear
+    ]
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Replace each decoder projection of ``model`` by the implementation's ``QuantLinear``, in place.
+
+    Args:
+        model: a :class:`~servinglab.model.llama.LlamaForCausalLM` with its weights loaded
+            (any device; the codes land where the weights are).
+        method: ``"int8"`` (per output channel) or ``"int4"`` (group-wise).
+        group_size: INT4 group (32, 64 or 128); it must divide every projection's
+            input width. Ignored for INT8.
+
+    Returns:
+        How many linear layers were replaced (4 per decoder layer).
+
+    Raises:
+        ValueError: naming ``quantization`` or ``quantization_group_size``; nothing is
+            changed when a group size does not fit (all layers are checked first).
+    """
+    check_method(method, group_size)
+    targets = projection_linears(model)
+    if method == "int4":
+        bad = sorted({lin.in_features for _, _, lin in targets if lin.in_features % group_size})
+        if bad:
+            fits = [g for g in INT4_GROUP_SIZES if all(lin.in_features % g == 0 for _, _, lin in targets)]
+            raise ValueError(
+                f"quantization_group_size={group_size} must divide every projection's input width; "
+                f"{bad} are not multiples of it (sizes that fit this model: {fits})"
+            )
+    quant_linear = impl.load_part("quantization").QuantLinear
+    with torch.no_grad():
+        for parent, name, linear in targets:
+            setattr(parent, name, quant_linear.from_linear(linear, method, group_size))
+    return len(targets)
+
+
+@dataclass
+class WeightBytes:
+    """Bytes of a model's weights: quantized layers (codes + scales) and everything else."""
+
+    quantized: int  # codes and scales of QuantLinear layers
+    dense_linear: int  # projections still stored as floating-point nn.Linear weights
+    other: int  # embeddings, norms, an untied LM head, biases
+
+    @property
+    def total(self) -> int:
+        return self.quantized + self.dense_linear + self.other
+
+    @property
+    def linear(self) -> int:
+        """The projections alone (what quantization acts on)."""
+        return self.quantized + self.dense_linear
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module) -> WeightBytes:
+    """Count the bytes of ``model``'s ``state_dict`` (persistent weights; shared tensors once), split by kind."""
+    modules = dict(model.named_modules())
+    seen: set[int] = set()
+    quantized = dense = other = 0
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_meta or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        owner, _, name = key.rpartition(".")
+        if name in ("qweight", "scales"):
+            quantized += _nbytes(tensor)
+        elif name == "weight" and isinstance(modules.get(owner), nn.Linear):
+            dense += _nbytes(tensor)
+        else:
+            other += _nbytes(tensor)
+    return WeightBytes(quantized, dense, other)
+
+
+def dequantized_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with every quantized layer's ``qweight``/``scales`` replaced by
+    its dequantized ``weight`` (the same names a plain model has): the weights the quantized
+    model really computes with, for a float32 reference such as transformers."""
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        owner, _, name = key.rpartition(".")
+        module = modules.get(owner)
+        if name == "qweight" and hasattr(module, "dequantized_weight"):
+            out[f"{owner}.weight"] = module.dequantized_weight(dtype).detach()
+        elif name != "scales" or not hasattr(module, "dequantized_weight"):
+            out[key] = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor
+    return out
