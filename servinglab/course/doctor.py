@@ -53,7 +53,7 @@ def run_doctor(with_vllm: bool = True) -> int:
     def cpu_check() -> str:
         import torch
 
-        from servinglab.model.cpu_gemm import cpu_has_amx, gemm_mode, sgemm_beats_packed
+        from servinglab.model.cpu_gemm import gemm_mode, uses_sgemm
         from servinglab.model.dtypes import cpu_has_native_bf16, cpu_summary, resolve_dtype
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,7 +64,7 @@ def run_doctor(with_vllm: bool = True) -> int:
             gemm = "torch (F.linear)" if device == "cuda" else "torch (float32: MKL sgemm, no repacking)"
         else:
             mode = gemm_mode(None)
-            sgemm = mode == "auto" and not cpu_has_amx() and sgemm_beats_packed()
+            sgemm = uses_sgemm(mode)
             gemm = f"{mode}: packed oneDNN bf16 weights" + (", float32 sgemm from 48 rows (measured faster here)" if sgemm else "")
         return f"{cpu_summary()}; dtype auto -> {dtype} ({why}); matrix products: {gemm}"
 

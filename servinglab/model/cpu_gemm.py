@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from servinglab.model.dtypes import cpu_flags
 
 
 ENV_VAR = "SERVINGLAB_CPU_GEMM"
@@ -65,10 +66,12 @@ def gemm_mode(mode: str | None = None) -> str:
 
 def cpu_has_amx() -> bool:
     """Whether the CPU has AMX tiles for bfloat16 (then oneDNN's bfloat16 kernel is the fast one)."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return "amx_bf16" in cpu_flags()
+
+
+def uses_sgemm(mode: str | None, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``mode`` adds float32 sgemm for big batches on this CPU (``auto``, no AMX, and measured faster)."""
+    return gemm_mode(mode) == "auto" and not cpu_has_amx() and sgemm_beats_packed(dtype)
 
 
 @functools.cache
@@ -193,7 +196,7 @@ def prepack_linears(model: nn.Module, mode: str | None = None) -> int:
     mode = gemm_mode(mode)
     if first is None or mode == "torch" or not packing_supported(first.dtype, first.device):
         return 0
-    sgemm = mode == "auto" and not cpu_has_amx() and sgemm_beats_packed(first.dtype)
+    sgemm = uses_sgemm(mode, first.dtype)
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear]
     try:
