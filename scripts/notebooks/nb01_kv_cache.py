@@ -7,6 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from requires_setup import setup  # noqa: E402
 
 nb = Notebook("01_kv_cache")
 nb.md("""
@@ -27,8 +29,12 @@ You implement `exercises/kv_cache.py`: `ModelShape.num_parameters`, `kv_bytes_pe
 The setup cell below loads your module as `kv` (`load_part("kv_cache")`). The autograded
 cells grade that module; the cells you complete here put it to work, and the answers you
 assign there are checked against it.
+
+Nothing here needs the prepared model, vLLM or a GPU. In later notebooks, code cells
+starting with `# requires: ...` print why they skip on a machine without it (a GPU runner
+without the model, a laptop without vLLM); the set-up cell prints what this machine has.
 """)
-nb.setup()
+setup(nb)
 nb.code('kv = load_part("kv_cache")\nimport math\nimport matplotlib.pyplot as plt')
 
 nb.md("""

@@ -7,6 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from requires_setup import setup  # noqa: E402
 
 nb = Notebook("02_block_manager")
 nb.md("""
@@ -29,8 +31,12 @@ the experiment below run *your* block manager, so they change when your code doe
 
 The design follows **PagedAttention** (Kwon et al., *Efficient Memory Management for
 Large Language Model Serving with PagedAttention*, SOSP 2023), the paper behind vLLM.
+
+Section 5 needs the prepared model (`servinglab prepare-model`): code cells starting with
+`# requires: ...` print why they skip on a machine without it (a GPU runner without the
+model, a laptop without vLLM); the set-up cell prints what this machine has.
 """)
-nb.setup()
+setup(nb)
 nb.code("""
 bm = load_part("block_manager")
 import math
@@ -515,6 +521,7 @@ publishes its full blocks, and each later one computes only what follows the sha
 full blocks (plus the last prompt token, which is always recomputed).
 """)
 nb.code("""
+# requires: model
 from servinglab import LLM, SamplingParams
 from servinglab.bench.workloads import few_shot_prompts
 from servinglab.model.prepare import require_model

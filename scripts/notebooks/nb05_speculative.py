@@ -7,6 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from requires_setup import setup  # noqa: E402
 
 nb = Notebook("05_speculative")
 nb.md("""
@@ -34,8 +36,12 @@ You implement `exercises/speculative.py`: `rejection_sample`, `NgramProposer`,
 `SpeculativeDecoding.generate_with_speculation` and the formulas
 `expected_acceptance_rate`, `expected_tokens_per_step`, `expected_speedup`. Check yourself
 with `pytest tests/graded/test_part5_speculative.py`.
+
+Sections 4-6 run the prepared model (section 4's graded cell too): code cells starting with
+`# requires: ...` print why they skip on a machine without it (a GPU runner without the
+model, a laptop without vLLM); the set-up cell prints what this machine has.
 """)
-nb.setup()
+setup(nb)
 nb.code("""
 import importlib, time
 import matplotlib.pyplot as plt
@@ -180,6 +186,7 @@ it back to the accepted prefix after each verification: the rollback of rejected
 slots that the paged engine does by freeing blocks.
 """)
 nb.code("""
+# requires: model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from servinglab.model.prepare import prepare_model
 from servinglab.engine.draft_model import build_draft_model, cached_logits_fn
@@ -207,6 +214,7 @@ t0 = time.perf_counter(); reference = plain_greedy(grounded); t_plain = time.per
 print(tok.decode(reference))
 """)
 nb.solution("""
+# requires: model
 # Run your generate_with_speculation on `grounded` with a fresh cached_logits_fn(model) as the
 # target, NgramProposer(prompt_lookup_min=1, prompt_lookup_max=3, num_speculative_tokens=4),
 # max_tokens=MAX_TOKENS, GREEDY and eos_token_id=tok.eos_token_id; store the SpeculativeOutput as `ngram_run`.
@@ -222,6 +230,7 @@ print(f"acceptance {ngram_run.acceptance_rate:.2f}, {ngram_run.mean_tokens_per_s
       f"wall time {t_spec:.1f} s vs {t_plain:.1f} s plain (one run, this machine)")
 """, "ngram_run")
 nb.tests("""
+# requires: model
 assert 0 < len(ngram_run.token_ids) <= MAX_TOKENS
 assert ngram_run.token_ids == reference, "greedy speculative decoding must reproduce the target's greedy tokens"
 ### BEGIN HIDDEN TESTS
@@ -230,6 +239,7 @@ assert ngram_run.num_accepted_tokens <= ngram_run.num_draft_tokens
 ### END HIDDEN TESTS
 """, "ngram_run_test", points=3)
 nb.code("""
+# requires: model
 story = spec.SpeculativeDecoding().generate_with_speculation(
     cached_logits_fn(model), spec.NgramProposer(1, 3, 4), open_ended, max_tokens=MAX_TOKENS, params=GREEDY, k=4,
     eos_token_id=tok.eos_token_id)
@@ -289,6 +299,7 @@ this model the n-gram proposer is the one worth serving. The cell below checks t
 exit's match rate along the reference continuation in one target pass, on your machine.
 """)
 nb.code("""
+# requires: model
 draft = build_draft_model(model, 8)
 with torch.inference_mode():
     ids = torch.tensor([grounded + reference])
@@ -313,6 +324,7 @@ Blocks go to the prefix cache only after the rollback, so no cached block holds 
 rejected draft. In float32 the greedy output is the plain engine's, token for token.
 """)
 nb.code("""
+# requires: model
 from servinglab import LLM
 from servinglab.engine.spec_decode import generate_with_speculation
 common = dict(model=str(folder), dtype="float32", max_model_len=512, enable_prefix_caching=False)

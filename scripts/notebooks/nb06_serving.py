@@ -7,6 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from requires_setup import setup  # noqa: E402
 
 nb = Notebook("06_serving")
 nb.md("""
@@ -30,14 +32,19 @@ token streams into one, and abort on close) and `benchmark_performance`. Check y
 behind `servinglab serve` (an OpenAI-compatible server on your Parts 1-4) and measures it
 over HTTP with `servinglab bench serve`, whose statistics are your `compute_latency_stats`
 and `percentile`, and finally runs the real vLLM server on the same workload.
+
+Section 1 needs vLLM, sections 3-5 the prepared model (their graded cells too) and section 6
+both: code cells starting with `# requires: ...` print why they skip on a machine without it
+(a GPU runner without the model, a laptop without vLLM); the set-up cell prints what this
+machine has.
 """)
-nb.setup()
+setup(nb)
 nb.code("""
 serving = load_part("serving")
 import dataclasses, math, time
 import matplotlib.pyplot as plt
-from servinglab.model.prepare import require_model
-MODEL_DIR = require_model()
+from servinglab.model.prepare import default_model_dir
+MODEL_DIR = default_model_dir()  # where `servinglab prepare-model` writes the model
 """)
 
 nb.md("""
@@ -47,6 +54,7 @@ The course's original guide configured vLLM like this (`docs/references.md`, sec
 rather than trusting a guide, ask the installed `vllm.EngineArgs` which fields exist.
 """)
 nb.code("""
+# requires: vllm
 from vllm import EngineArgs
 SEED_CONFIG = {
     "gpu_memory_utilization": 0.9,   # fraction of device memory vLLM may take (weights + activations + KV)
@@ -123,11 +131,13 @@ nb.md("""
 `StreamEvent(index, text, token_ids, timestamp, finish_reason)` per new piece of output.
 """)
 nb.code("""
+# requires: model
 eng = serving.vLLMServingEngine(str(MODEL_DIR), {"max_model_len": 1024, "max_num_seqs": 32, "kv_cache_memory_gib": 0.25})
 eng.initialize_engine()
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three prime numbers:", "Q: What is 12 times 12?\\nA:"]
 """)
 nb.solution("""
+# requires: model
 # greedy: SamplingParams for greedy decoding of exactly 24 tokens (ignore_eos=True), from your
 # create_sampling_params. Then collect every event of generate_async(PROMPTS, greedy) in `events`
 # (top-level `await` works in a notebook).
@@ -139,6 +149,7 @@ for i, prompt in enumerate(PROMPTS):
     print(repr(prompt + "".join(ev.text for ev in events if ev.index == i)))
 """, "stream")
 nb.tests("""
+# requires: model
 # Grades your create_sampling_params and generate_async.
 try:
     eng.create_sampling_params(temperature=0.5, top_p=0.0, max_tokens=4)
@@ -157,6 +168,7 @@ assert "".join(ev.text for ev in _evs if ev.index == 0).startswith(" Paris")
 ### END HIDDEN TESTS
 """, "stream_test", points=2)
 nb.code("""
+# requires: model
 fig, ax = plt.subplots(figsize=(8, 3))
 t0 = min(ev.timestamp for ev in events)
 for i in range(len(PROMPTS)):
@@ -167,6 +179,7 @@ ax.set_title("Every token of four concurrent requests: they advance in the same 
 fig.tight_layout(); fig.savefig(OUT / "token_timeline.png", dpi=120); plt.show()
 """)
 nb.solution("""
+# requires: model
 # bench: your benchmark_performance on PROMPTS * 4 (16 requests at once), 2 runs,
 # greedy with 32 tokens each (ignore_eos=True)
 ### BEGIN SOLUTION
@@ -176,6 +189,7 @@ bench = eng.benchmark_performance(PROMPTS * 4, num_runs=2,
 print({k: round(v, 1) for k, v in bench.items()})
 """, "bench")
 nb.tests("""
+# requires: model
 # Grades your benchmark_performance.
 _b = eng.benchmark_performance(PROMPTS[:2], num_runs=1, sampling_params=eng.create_sampling_params(temperature=0.0, max_tokens=5, ignore_eos=True))
 assert _b["total_output_tokens"] == 10 and _b["avg_throughput_tps"] > 0
@@ -188,6 +202,7 @@ assert _b["avg_ttft_ms"] <= _b["avg_e2e_ms"] and _b["num_runs"] == 1
 ### END HIDDEN TESTS
 """, "bench_test", points=2)
 nb.code("""
+# requires: model
 eng.shutdown()
 """)
 
@@ -200,6 +215,7 @@ nb.md("""
 on your parts (`SERVINGLAB_IMPL`), on a free loopback port.
 """)
 nb.code("""
+# requires: model
 from servinglab.bench.servers import ServerProcess, lab_server_command
 server = ServerProcess(lambda port: lab_server_command(str(MODEL_DIR), port, "smol", max_model_len=1024, max_num_seqs=64),
                        env={"SERVINGLAB_IMPL": current_impl()}, startup_timeout=180, name="lab-server")
@@ -207,6 +223,7 @@ server.__enter__()
 print("serving at", server.base_url)
 """)
 nb.code("""
+# requires: model
 from openai import OpenAI
 client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
 done = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=12, temperature=0)
@@ -232,6 +249,7 @@ rate of a sweep and make the *lowest* rate look slowest, the opposite of the les
 one request goes out, unmeasured, before the sweep (`bench serve` does the same).
 """)
 nb.code("""
+# requires: model
 import asyncio
 from servinglab.bench.serve import run_workload, summarize
 from servinglab.bench.workloads import random_workload
@@ -247,6 +265,7 @@ for rate in RATES:
           f"mean E2E {http[rate][1]['mean_e2e_ms']:.0f} ms")
 """)
 nb.solution("""
+# requires: model
 # http_stats: your compute_latency_stats on the 8 req/s run, one RequestTimestamps per request
 # built from its send time (r.start) and chunk arrival times (r.chunk_times)
 ### BEGIN SOLUTION
@@ -255,6 +274,7 @@ http_stats = serving.compute_latency_stats([serving.RequestTimestamps(r.start, r
 print({k: round(v, 1) for k, v in http_stats.items()})
 """, "http_stats")
 nb.tests("""
+# requires: model
 # Your statistics must agree with numpy's on the same client-side timestamps.
 import numpy as np
 _ok = [r for r in http[8.0][0] if r.success]
@@ -272,6 +292,7 @@ assert abs(_mine["avg_itl_ms"] - _itl.mean()) < 1e-6, "mean ITL differs from num
 ### END HIDDEN TESTS
 """, "http_stats_test", points=1)
 nb.code("""
+# requires: model
 lo, hi = RATES[0], RATES[-1]
 ttft_lo, ttft_hi = http[lo][1]["p50_ttft_ms"], http[hi][1]["p50_ttft_ms"]
 trend = "higher" if ttft_hi > ttft_lo else "lower"
@@ -307,6 +328,7 @@ printed line says what your run did. Run more rates with `servinglab bench serve
 --request-rates 1 2 4 8 16` against a running server to find it.
 """)
 nb.code("""
+# requires: model
 server.stop()  # the lab server's process ends here
 """)
 
@@ -321,6 +343,7 @@ run: 8 requests at 4 req/s (starting vLLM's server takes about a minute or more 
 cores; the progress of both is printed).
 """)
 nb.code("""
+# requires: model, vllm
 import subprocess, sys
 COMPARE_OUT = OUT / "serve_compare"
 cmd = [sys.executable, "-m", "servinglab.cli", "bench", "serve", "--compare", "--num-requests", "8",
@@ -332,6 +355,7 @@ print(run.stdout[-4000:] or run.stderr[-4000:])
 assert run.returncode == 0, run.stderr[-2000:]
 """)
 nb.code("""
+# requires: model, vllm
 import json
 compare = json.loads((COMPARE_OUT / "results.json").read_text())["summaries"]
 lab_row, vllm_row = compare["lab"]["4.0"], compare["vllm"]["4.0"]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from requires_setup import setup  # noqa: E402
 
 nb = Notebook("09_tensor_parallel")
 nb.md("""
@@ -26,8 +28,13 @@ real processes talking through `torch.distributed` (gloo here on the CPU, NCCL o
 GPUs): `LLM(model, tensor_parallel_size=k)`, as in vLLM.
 
 The setup cell loads your module as `tp` (`load_part("tensor_parallel")`).
+
+Nothing here needs the prepared model, vLLM or a GPU (the model has random weights). In the
+other notebooks, code cells starting with `# requires: ...` print why they skip on a machine
+without it (a GPU runner without the model, a laptop without vLLM); the set-up cell prints
+what this machine has.
 """)
-nb.setup()
+setup(nb)
 nb.code("""
 tp = load_part("tensor_parallel")
 kv = load_part("kv_cache")
@@ -208,7 +215,10 @@ cfg = tiny_llama_config()
 gen = torch.Generator().manual_seed(1)
 prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=gen).tolist() for n in (3, 9, 17, 30, 44, 5)]
 greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-common = dict(hf_config=cfg, dtype="float32", block_size=4, num_kv_blocks=20, max_num_batched_tokens=16, max_model_len=64)
+# CPU ranks over gloo on every machine: a one-GPU runner has no second GPU for rank 1, and
+# the exact float32 equality below needs CPU arithmetic (section 6 gives the NCCL run on GPUs).
+common = dict(hf_config=cfg, dtype="float32", device="cpu", block_size=4, num_kv_blocks=20, max_num_batched_tokens=16,
+              max_model_len=64)
 
 llm1 = LLM(model_obj=random_model(cfg, dtype=torch.float32, seed=0), **common)
 tokens1 = [o.outputs[0].token_ids for o in llm1.generate(prompts, greedy)]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from requires_setup import setup  # noqa: E402
 
 nb = Notebook("10_troubleshooting")
 nb.md("""
@@ -23,18 +25,23 @@ each one is first *caused* on a real engine (vLLM or the lab engine, on the cour
 model) and then fixed, with a before/after measurement. Every number below is from your
 run; sentences that interpret them are printed by the cells, computed from the numbers.
 Machines differ, and a shared CPU makes timings noisy: rerun a cell if a result looks odd.
+
+Sections 1-3 need the prepared model, and their vLLM runs need vLLM as well: code cells
+starting with `# requires: ...` print why they skip on a machine without it (a GPU runner
+without the model, a laptop without vLLM); the set-up cell prints what this machine has.
 """)
-nb.setup()
+setup(nb)
 nb.code("""
 kv = load_part("kv_cache")
 import re, time
 import numpy as np
 import matplotlib.pyplot as plt
 from servinglab import LLM, SamplingParams
-from servinglab.model.prepare import require_model
+from servinglab.model.prepare import default_model_dir
 from servinglab.model.cache import KVCacheSpec
-MODEL = str(require_model())
+MODEL = str(default_model_dir())   # where `servinglab prepare-model` writes the model
 SPEC = KVCacheSpec(num_layers=30, num_kv_heads=3, head_dim=64)   # SmolLM2-135M (docs/references.md, section 1)
+KV_BYTES = 64 * 2**20              # the KV budget of section 1, on both engines
 """)
 
 nb.md("""
@@ -47,8 +54,8 @@ when `gpu_memory_utilization` leaves too little after the weights) and ask for t
 context:
 """)
 nb.code("""
+# requires: model, vllm
 from vllm import LLM as VllmLLM, SamplingParams as VllmParams
-KV_BYTES = 64 * 2**20
 t0 = time.perf_counter()
 try:
     VllmLLM(model=MODEL, max_model_len=8192, kv_cache_memory_bytes=KV_BYTES, enforce_eager=True, seed=0)
@@ -64,6 +71,7 @@ available, and the longest context that would fit. Your Part 1 predicts the firs
 (vLLM's KV dtype here is the model's bfloat16):
 """)
 nb.code("""
+# requires: model, vllm
 needed = kv.calculate_kv_cache_memory(SPEC, 8192, dtype="bfloat16").total_bytes
 estimated = int(re.search(r"estimated maximum model length is (\\d+)", vllm_error).group(1))
 print(f"Part 1: one 8,192-token request needs {needed / 2**30:.3f} GiB of KV; vLLM has {KV_BYTES / 2**30:.3f} GiB")
@@ -75,6 +83,7 @@ A context a bit under the estimate, rounded down to a multiple of 1,024, then a 
 uses most of it:
 """)
 nb.code("""
+# requires: model, vllm
 fixed_len = estimated // 1024 * 1024
 t0 = time.perf_counter()
 vllm_llm = VllmLLM(model=MODEL, max_model_len=fixed_len, kv_cache_memory_bytes=KV_BYTES, enforce_eager=True, seed=0)
@@ -96,6 +105,7 @@ The lab engine takes the same memory budget the other way round: it starts with 
 (prompt plus `max_tokens`), naming the numbers:
 """)
 nb.code("""
+# requires: model
 lab_small = LLM(model=MODEL, max_model_len=8192, kv_cache_memory_gib=KV_BYTES / 2**30)
 print(f"lab engine: pool of {lab_small.engine.num_kv_blocks} blocks x {lab_small.engine.config.block_size} tokens "
       f"(your num_kv_blocks)")
@@ -120,8 +130,10 @@ nb.code("""
 from servinglab.bench.workloads import random_workload
 WORK = random_workload(8, prompt_len=(16, 32), output_len=(16, 16), seed=0)
 TOKENS = sum(r.output_len for r in WORK)
-
-
+batch_runs = {}                                  # (system, max_num_seqs) -> output tokens/s
+""")
+nb.code("""
+# requires: model, vllm
 def vllm_tokens_per_s(max_num_seqs):
     llm = VllmLLM(model=MODEL, max_model_len=512, kv_cache_memory_bytes=KV_BYTES, enforce_eager=True, seed=0,
                   max_num_seqs=max_num_seqs)
@@ -134,12 +146,12 @@ def vllm_tokens_per_s(max_num_seqs):
 
 
 del vllm_llm
-batch_runs = {}
 for n in (1, 8):
     batch_runs[("vLLM", n)] = vllm_tokens_per_s(n)
     print(f"vLLM, max_num_seqs={n}: {batch_runs[('vLLM', n)]:.1f} output tokens/s")
 """)
 nb.code("""
+# requires: model
 def lab_run(**limits):
     llm = LLM(model=MODEL, max_model_len=512, enable_prefix_caching=False, **limits)
     llm.generate([WORK[0].prompt_token_ids], SamplingParams(max_tokens=2), use_tqdm=False)   # warm-up
@@ -153,7 +165,7 @@ def lab_run(**limits):
 for n in (1, 8):
     batch_runs[("lab", n)], steps = lab_run(max_num_seqs=n)
     print(f"lab engine, max_num_seqs={n}: {batch_runs[('lab', n)]:.1f} output tokens/s in {steps} engine steps")
-for system in ("vLLM", "lab"):
+for system in [s for s in ("vLLM", "lab") if (s, 1) in batch_runs]:   # vLLM's rows: where it ran above
     gain = batch_runs[(system, 8)] / batch_runs[(system, 1)]
     print(f"{system}: max_num_seqs 8 gives {gain:.1f}x the throughput of max_num_seqs 1 on this machine")
 """)
@@ -163,16 +175,17 @@ through several steps (chunked prefill), and it also caps how many sequences can
 one step. The lab engine with `max_num_seqs=8` and three budgets:
 """)
 nb.code("""
+# requires: model
 budget_runs = {}
 for budget in (8, 32, 512):
     budget_runs[budget] = lab_run(max_num_seqs=8, max_num_batched_tokens=budget)
     print(f"max_num_batched_tokens={budget:3d}: {budget_runs[budget][0]:.1f} output tokens/s in "
           f"{budget_runs[budget][1]} engine steps")
 fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
-systems = ["vLLM", "lab"]
+systems = [s for s in ("vLLM", "lab") if (s, 1) in batch_runs]
 for i, n in enumerate((1, 8)):
-    left.bar(np.arange(2) + 0.38 * i, [batch_runs[(s, n)] for s in systems], 0.38, label=f"max_num_seqs={n}")
-left.set_xticks(np.arange(2) + 0.19, systems); left.set_ylabel("output tokens/s"); left.legend()
+    left.bar(np.arange(len(systems)) + 0.38 * i, [batch_runs[(s, n)] for s in systems], 0.38, label=f"max_num_seqs={n}")
+left.set_xticks(np.arange(len(systems)) + 0.19, systems); left.set_ylabel("output tokens/s"); left.legend()
 left.set_title("batch limit: before (1) and after (8)")
 right.bar([str(b) for b in budget_runs], [v[0] for v in budget_runs.values()], color="C2")
 right.set_xlabel("max_num_batched_tokens (lab engine, max_num_seqs=8)"); right.set_ylabel("output tokens/s")
@@ -200,6 +213,7 @@ says what happened in your run. The guide's "high latency" fixes
 GPU or old-vLLM switches; on vLLM V1 the lever that remains is this one, the token budget.
 """)
 nb.code("""
+# requires: model
 LONG = [int(t) for t in np.random.default_rng(2).integers(3, 49000, 768)]
 
 

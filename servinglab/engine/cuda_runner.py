@@ -31,6 +31,9 @@ from servinglab.model.llama import KVCache, LlamaForCausalLM
 from servinglab.sequence import Sequence
 
 
+CONTEXT_BUCKETS = (256, 1024)  # plus max_model_len: the graphs' max_context_len values
+
+
 class PinnedUploader:
     """Packs named arrays into one pinned byte buffer and sends it with one copy.
 
@@ -89,7 +92,6 @@ class CudaModelRunner(ModelRunner):
         if self.device.type != "cuda":
             raise ValueError(f"CudaModelRunner needs a CUDA device, got {self.device}")
         from servinglab.model.gpu_ops import enable_gpu_kernels  # imports Triton: CUDA only
-        from servinglab.model.triton.decode_attention import SPLIT_MIN_CONTEXT
 
         enable_gpu_kernels(model)
         self.uploader = PinnedUploader(self.device)
@@ -98,10 +100,11 @@ class CudaModelRunner(ModelRunner):
         # Decode steps run padded over static buffers in both modes (identical kernels and
         # shapes, hence identical greedy tokens); only the capture depends on enforce_eager.
         max_blocks = -(-max_model_len // block_size)
-        # Two context buckets: below SPLIT_MIN_CONTEXT the decode kernel runs single-pass,
-        # above it split-KV may pay; each captured size gets one graph per bucket.
+        # The decode kernel's split count follows the longest context a graph may see, so
+        # each captured size gets one graph per context bucket: short contexts then run
+        # few, full splits rather than many empty ones.
         self.graphs = CUDAGraphRunner(model, kv_caches, max_num_seqs, max_blocks, max_model_len,
-                                      context_buckets=[SPLIT_MIN_CONTEXT - 1])
+                                      context_buckets=list(CONTEXT_BUCKETS))
         if not enforce_eager:
             self.graphs.capture()
 
@@ -109,42 +112,51 @@ class CudaModelRunner(ModelRunner):
         """One pinned buffer, one non-blocking copy (see :class:`PinnedUploader`)."""
         return self.uploader.upload(arrays)
 
-    def _decode_arrays(self, out: SchedulerOutput, block_tables: dict[int, list[int]]) -> tuple[np.ndarray, ...] | None:
-        """Graph inputs of a decode-only step (one token per sequence, each sampling), else ``None``."""
+    def _fill_decode(self, out: SchedulerOutput, block_tables: dict[int, list[int]]) -> tuple[int, int, int] | None:
+        """Write a decode-only step's inputs straight into the graphs' pinned buffer.
+
+        Returns ``(n, padded size, longest context)``, or ``None`` when the step is not
+        decode-only (a prefill chunk, a batch beyond the captured sizes, a table wider
+        than the graphs) and must take the general path.
+        """
         n = len(out.scheduled)
-        if self.graphs.padded_size(n) is None:
+        size = self.graphs.padded_size(n)
+        if size is None:
             return None
-        bs = self.block_size
-        ids, pos, tables = np.empty(n, np.int64), np.empty(n, np.int64), []
+        for item in out.scheduled:
+            seq = item.seq
+            if item.num_new_tokens != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
+                return None
+        bs, width, slot_of = self.block_size, self.graphs.max_blocks, self.slot_of
+        ids, pos, slots, ctx, tables = self.graphs.host_inputs(size)
+        longest = 0
         for i, item in enumerate(out.scheduled):
             seq = item.seq
             p = seq.num_computed_tokens
-            if item.num_new_tokens != 1 or p + 1 != seq.num_tokens:
-                return None  # a prefill chunk: the general path
             table = block_tables.get(seq.seq_id)
             if table is None or len(table) * bs <= p:
                 raise ValueError(f"{seq} needs {p // bs + 1} blocks for {p + 1} tokens, has {0 if table is None else len(table)}")
+            used = p // bs + 1  # the kernels read entries up to the context only
+            if used > width:
+                return None
             prompt_len = seq.num_prompt_tokens
             ids[i] = seq.prompt_token_ids[p] if p < prompt_len else seq.output_token_ids[p - prompt_len]
             pos[i] = p
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        if width > self.graphs.max_blocks:
-            return None
-        table_np = np.zeros((n, width), dtype=np.int64)
-        for b, t in enumerate(tables):
-            table_np[b, : len(t)] = t
-        slots = table_np[np.arange(n), pos // bs] * bs + pos % bs
-        return ids, pos, slots, pos + 1, table_np
+            # The new token's slot: Part 2's get_slot when the engine wired it in.
+            slots[i] = slot_of(seq.seq_id, p) if slot_of is not None else table[p // bs] * bs + p % bs
+            ctx[i] = p + 1
+            tables[i, :used] = table[:used]
+            longest = max(longest, p + 1)
+        return n, size, longest
 
     def execute(self, out: SchedulerOutput, block_tables: dict[int, list[int]]) -> tuple[list[Sequence], torch.Tensor]:
         """As :meth:`ModelRunner.execute`; a decode-only step that fits a graph replays it."""
-        arrays = self._decode_arrays(out, block_tables)
-        if arrays is None:
+        step = self._fill_decode(out, block_tables)
+        if step is None:
             return super().execute(out, block_tables)
         self.copy_blocks(out.block_copies)
         with torch.inference_mode():
-            hidden = self.graphs.run(*arrays)
+            hidden = self.graphs.replay(*step)
             logits = self.model.compute_logits(hidden)
         self.num_graph_steps += self.graphs.captured
         return [item.seq for item in out.scheduled], logits

@@ -13,9 +13,9 @@ so every input lives in a static buffer the step copies into before the replay:
 - a batch of ``n`` runs the graph of the next captured size ``>= n``; the padding lanes
   get slot ``-1`` (the KV write skips them) and context length 0 (attention writes 0);
 - the attention backend may specialise on ``max_context_len`` (the split-KV rule), so
-  each size is captured once per *context bucket* (by default: short contexts, which
-  take the single-pass kernel, and up to ``max_model_len``); a step replays the graph
-  of the smallest bucket that holds its longest context;
+  each size is captured once per *context bucket* (the engine's runner passes 256 and
+  1024; ``max_model_len`` is always one), so a graph's split count fits the contexts it
+  serves; a step replays the graph of the smallest bucket that holds its longest context;
 - the capture sizes are vLLM's defaults, ``[1, 2, 4] + range(8, 256, 8) +
   range(256, max + 1, 16)``, capped by ``max_num_seqs``; larger batches, prefills and
   mixed steps run eagerly.
@@ -80,6 +80,10 @@ class CUDAGraphRunner:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (size, context bucket)
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.copy_done = torch.cuda.Event()
+        # The bytes a step of each size sends: everything up to its last block-table row.
+        # Views made once, not per step (each slice costs host time on the critical path).
+        ends = {n: 4 * b + n * max_blocks_per_seq for n in self.sizes}
+        self._copy_spans = {n: (self.static[:e], self.host[:e]) for n, e in ends.items()}
         self.pool = None
         self._reset_buffers()
 
@@ -122,35 +126,33 @@ class CUDAGraphRunner:
                 return size
         return None
 
-    def run(
-        self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, context_lens: np.ndarray,
-        block_tables: np.ndarray,
-    ) -> torch.Tensor:
-        """Replay the decode step of ``n = len(input_ids)`` sequences; return hidden ``[n, hidden]``.
+    def host_inputs(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Writable NumPy views of the pinned inputs of a ``size``-lane step, to fill in place.
 
-        ``block_tables`` is ``[n, w]`` with ``w <= max_blocks_per_seq``.
+        Returns ``(input_ids, positions, slot_mapping, context_lens, block_tables)``, the
+        first four ``[size]``, the tables ``[size, max_blocks_per_seq]``. Waits first for
+        the previous step's copy to leave the buffer. A table row needs entries only
+        up to its context (the kernels read no further), so rows are not cleared.
         """
-        n = len(input_ids)
-        size = self.padded_size(n)
-        if size is None or n == 0:
-            raise ValueError(f"batch of {n} is outside the captured sizes 1..{self.max_batch}")
-        if block_tables.shape[1] > self.max_blocks:
-            raise ValueError(f"block tables are {block_tables.shape[1]} wide, the graphs hold {self.max_blocks}")
-        self.copy_done.synchronize()  # the previous step's copy has left the pinned buffer
+        self.copy_done.synchronize()
         h = self.host_np
         ids, pos, slots, ctx, tables = self._sections
-        h[ids : ids + n] = input_ids
-        h[pos : pos + n] = positions
-        h[slots : slots + n] = slot_mapping
+        return (h[ids : ids + size], h[pos : pos + size], h[slots : slots + size], h[ctx : ctx + size],
+                h[tables : tables + size * self.max_blocks].reshape(size, self.max_blocks))
+
+    def replay(self, n: int, size: int, longest: int) -> torch.Tensor:
+        """Send the inputs filled through :meth:`host_inputs` (``n`` real lanes of ``size``) and run the step.
+
+        Lanes ``n..size`` become padding (slot ``-1``, context 0). ``longest`` (the
+        largest context length) picks the context bucket. Returns hidden ``[n, hidden]``.
+        """
+        h = self.host_np
+        _, _, slots, ctx, _ = self._sections
         h[slots + n : slots + size] = -1
-        h[ctx : ctx + n] = context_lens
         h[ctx + n : ctx + size] = 0
-        table_view = h[tables : tables + size * self.max_blocks].reshape(size, self.max_blocks)
-        table_view[:n, : block_tables.shape[1]] = block_tables
-        end = tables + size * self.max_blocks
-        self.static[:end].copy_(self.host[:end], non_blocking=True)
+        dev, host = self._copy_spans[size]
+        dev.copy_(host, non_blocking=True)
         self.copy_done.record()
-        longest = int(context_lens.max())
         bucket = next((b for b in self.buckets if b >= longest), self.max_model_len)
         graph = self.graphs.get((size, bucket))
         if graph is None:  # not captured (enforce_eager): the same padded step, launched eagerly
@@ -159,6 +161,26 @@ class CUDAGraphRunner:
                 return self.model(ids_v, pos_v, metadata, self.kv_caches)[:n]
         graph.replay()
         return self.outputs[size, bucket][:n]
+
+    def run(
+        self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, context_lens: np.ndarray,
+        block_tables: np.ndarray,
+    ) -> torch.Tensor:
+        """Replay the decode step of ``n = len(input_ids)`` sequences from whole arrays; return hidden ``[n, hidden]``.
+
+        ``block_tables`` is ``[n, w]`` with ``w <= max_blocks_per_seq``. (The engine's
+        runner fills :meth:`host_inputs` directly instead, saving the copies.)
+        """
+        n = len(input_ids)
+        size = self.padded_size(n)
+        if size is None or n == 0:
+            raise ValueError(f"batch of {n} is outside the captured sizes 1..{self.max_batch}")
+        if block_tables.shape[1] > self.max_blocks:
+            raise ValueError(f"block tables are {block_tables.shape[1]} wide, the graphs hold {self.max_blocks}")
+        ids, pos, slots, ctx, tables = self.host_inputs(size)
+        ids[:n], pos[:n], slots[:n], ctx[:n] = input_ids, positions, slot_mapping, context_lens
+        tables[:n, : block_tables.shape[1]] = block_tables
+        return self.replay(n, size, int(context_lens.max()))
 
     @property
     def captured(self) -> bool:

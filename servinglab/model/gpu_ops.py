@@ -4,13 +4,15 @@
 launches about 44 kernels per layer (RMSNorm alone is six element-wise ops); on a GPU
 each launch costs microseconds of host time while a small model's kernels run for less
 than that, so the step is host-bound. This forward runs the *same parameters* with
-about ten launches per layer (vLLM's layout):
+eight or nine launches per layer (vLLM's layout, two fusions further):
 
-``qkv GEMM -> RoPE in place -> KV write -> attention -> o GEMM -> add+RMSNorm ->
-gate_up GEMM -> SiLU*up -> down GEMM -> add+RMSNorm``
+``qkv GEMM -> RoPE in place + KV write -> attention -> o GEMM -> add+RMSNorm ->
+gate_up GEMM (+ SiLU*up at small batch) [-> SiLU*up] -> down GEMM -> add+RMSNorm``
 
 with the residual stream carried beside the hidden state, so each residual add is
-fused into the next norm (:mod:`servinglab.model.triton.rmsnorm`). Attention goes
+fused into the next norm (:mod:`servinglab.model.triton.rmsnorm`). At batch 1..16 the
+projections whose weights are small run :mod:`servinglab.model.triton.small_gemm`
+instead of cuBLAS (``worth_it`` holds the measured rule). Attention goes
 through :mod:`servinglab.model.attention_backend` (Triton, block tables read in place).
 Nothing here reads a device tensor on the host, so a decode step can be captured as one
 CUDA graph (:mod:`servinglab.model.cuda_graphs`).
@@ -24,8 +26,30 @@ from servinglab.interfaces import AttentionMetadata
 from servinglab.model import attention_backend
 from servinglab.model.llama import KVCache, LlamaForCausalLM, rope_theta_of
 from servinglab.model.triton.rmsnorm import rms_norm
-from servinglab.model.triton.rope import apply_rope_, rope_cos_sin_cache
+from servinglab.model.triton.rope import rope_cos_sin_cache
+from servinglab.model.triton.rope_cache import rope_and_cache_
 from servinglab.model.triton.silu_mul import silu_and_mul
+from servinglab.model.triton.small_gemm import small_gemm, worth_it
+
+
+def _small(layer: torch.nn.Module, x: torch.Tensor) -> bool:
+    """A plain bias-free half-precision ``nn.Linear`` on a shape where :func:`small_gemm` wins."""
+    if type(layer) is not torch.nn.Linear or layer.bias is not None or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return worth_it(x.shape[0], layer.out_features, layer.in_features)
+
+
+def project(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, through the small-batch kernel where it wins (:func:`~.small_gemm.worth_it`).
+
+    Quantized and tensor-parallel layers (other classes) keep their own forward.
+    """
+    return small_gemm(x, layer.weight) if _small(layer, x) else layer(x)
+
+
+def gated_mlp_input(gate_up: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``gate_up(x)``: one kernel at small batch, else the GEMM then :func:`silu_and_mul`."""
+    return small_gemm(x, gate_up.weight, gated=True) if _small(gate_up, x) else silu_and_mul(project(gate_up, x))
 
 
 class FusedForward:
@@ -55,18 +79,16 @@ class FusedForward:
         num_tokens = residual.shape[0]
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches)):
             attn = layer.self_attn
-            qkv = attn.qkv_proj(hidden)
-            apply_rope_(qkv, positions, self.cos, self.sin, heads + kv_heads, dim)
+            qkv = project(attn.qkv_proj, hidden)
+            # RoPE on q and k, then k and v to their slots: one kernel (rope_cache.py).
+            rope_and_cache_(qkv, positions, self.cos, self.sin, k_cache, v_cache, metadata.slot_mapping, heads, kv_heads)
             q = qkv[:, : heads * dim].view(num_tokens, heads, dim)
-            k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(num_tokens, kv_heads, dim)
-            v = qkv[:, (heads + kv_heads) * dim :].view(num_tokens, kv_heads, dim)
-            attention_backend.write_to_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
             out = attention_backend.paged_attention(q, k_cache, v_cache, metadata, attn.scale)
-            out = attn.o_proj(out.view(num_tokens, heads * dim))
+            out = project(attn.o_proj, out.view(num_tokens, heads * dim))
             norm = layer.post_attention_layernorm
             hidden = rms_norm(out, norm.weight, norm.eps, residual=residual)  # residual += attention
             mlp = layer.mlp
-            out = mlp.down_proj(silu_and_mul(mlp.gate_up_proj(hidden)))
+            out = project(mlp.down_proj, gated_mlp_input(mlp.gate_up_proj, hidden))
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.model.norm
             hidden = rms_norm(out, norm.weight, norm.eps, residual=residual)  # residual += mlp
         return hidden

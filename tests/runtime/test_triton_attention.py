@@ -91,11 +91,14 @@ def test_split_kv_matches_single_pass(num_splits):
 
 
 def test_split_rule():
-    assert choose_num_splits(1, 3, 256, 132) == 1, "short contexts take the single-pass kernel"
-    assert choose_num_splits(64, 32, 8192, 132) == 1, "a grid that fills the SMs needs no split"
-    many = choose_num_splits(1, 3, 8192, 132)
-    assert 8 <= many <= 32, f"one sequence with a long context should be split widely, got {many}"
-    assert choose_num_splits(1, 3, 1024, 132) <= 1024 // 64, "each split needs work"
+    """The rule reproduces the H200 sweep's best split counts (decode_attention.choose_num_splits)."""
+    assert choose_num_splits(1, 3, 128, 132) == 1, "two tiles: the merge costs more than a split saves"
+    assert choose_num_splits(1, 3, 1000, 132) == 16, "one short sequence: a split per tile"
+    assert choose_num_splits(1, 3, 8192, 132) == 32, "a long context at batch 1: the widest split"
+    assert choose_num_splits(64, 3, 1000, 132) == 5, "135M at batch 64: the sweep's best was 4-8"
+    assert choose_num_splits(4, 32, 1000, 132) == 8, "1.7B at batch 4: the sweep's best was 8"
+    assert choose_num_splits(32, 32, 4000, 132) == 1, "a full grid needs no split"
+    assert choose_num_splits(1, 3, 300, 132) <= 5, "never more splits than tiles"
 
 
 def test_padding_lanes_write_nothing_and_attend_to_nothing():
