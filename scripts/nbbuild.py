@@ -31,9 +31,12 @@ import os, sys, pathlib
 sys.path.insert(0, str(pathlib.Path.cwd()))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from servinglab.impl import current_impl, load_part
-from servinglab.course.notebook import device_summary, output_dir
+from servinglab.course.notebook import device_summary, enable_requires_marker, output_dir
 print("implementation under test:", current_impl(), "| device:", device_summary())
 OUT = output_dir("{name}")
+# Cells whose first line is `# requires: model, vllm, cuda` (any of them) print why they
+# skip where that is missing; what is missing is decided here, once.
+print(enable_requires_marker())
 '''
 
 

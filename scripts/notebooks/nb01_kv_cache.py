@@ -7,8 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from requires_setup import setup  # noqa: E402
 
 nb = Notebook("01_kv_cache")
 nb.md("""
@@ -34,7 +32,7 @@ Nothing here needs the prepared model, vLLM or a GPU. In later notebooks, code c
 starting with `# requires: ...` print why they skip on a machine without it (a GPU runner
 without the model, a laptop without vLLM); the set-up cell prints what this machine has.
 """)
-setup(nb)
+nb.setup()
 nb.code('kv = load_part("kv_cache")\nimport math\nimport matplotlib.pyplot as plt')
 
 nb.md("""

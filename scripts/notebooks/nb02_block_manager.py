@@ -7,8 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from requires_setup import setup  # noqa: E402
 
 nb = Notebook("02_block_manager")
 nb.md("""
@@ -36,7 +34,7 @@ Section 5 needs the prepared model (`servinglab prepare-model`): code cells star
 `# requires: ...` print why they skip on a machine without it (a GPU runner without the
 model, a laptop without vLLM); the set-up cell prints what this machine has.
 """)
-setup(nb)
+nb.setup()
 nb.code("""
 bm = load_part("block_manager")
 import math

@@ -7,8 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from requires_setup import setup  # noqa: E402
 
 nb = Notebook("03_paged_attention")
 nb.md("""
@@ -39,7 +37,7 @@ code cells starting with `# requires: ...` print why they skip on a machine with
 GPU runner without the model, a laptop without vLLM); the set-up cell prints what this
 machine has. The graded cells run everywhere.
 """)
-setup(nb)
+nb.setup()
 nb.code("""
 pa = load_part("paged_attention")
 import math, time

@@ -7,8 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from requires_setup import setup  # noqa: E402
 
 nb = Notebook("04_scheduler")
 nb.md("""
@@ -41,7 +39,7 @@ well: code cells starting with `# requires: ...` print why they skip on a machin
 (a GPU runner without the model, a laptop without vLLM); the set-up cell prints what this
 machine has. The graded cells run everywhere.
 """)
-setup(nb)
+nb.setup()
 nb.code("""
 sch = load_part("scheduler")
 bm = load_part("block_manager")

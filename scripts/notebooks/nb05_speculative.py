@@ -7,8 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from requires_setup import setup  # noqa: E402
 
 nb = Notebook("05_speculative")
 nb.md("""
@@ -41,7 +39,7 @@ Sections 4-6 run the prepared model (section 4's graded cell too): code cells st
 `# requires: ...` print why they skip on a machine without it (a GPU runner without the
 model, a laptop without vLLM); the set-up cell prints what this machine has.
 """)
-setup(nb)
+nb.setup()
 nb.code("""
 import importlib, time
 import matplotlib.pyplot as plt

@@ -7,8 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from requires_setup import setup  # noqa: E402
 
 nb = Notebook("06_serving")
 nb.md("""
@@ -38,7 +36,7 @@ both: code cells starting with `# requires: ...` print why they skip on a machin
 (a GPU runner without the model, a laptop without vLLM); the set-up cell prints what this
 machine has.
 """)
-setup(nb)
+nb.setup()
 nb.code("""
 serving = load_part("serving")
 import dataclasses, math, time

@@ -7,8 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from requires_setup import setup  # noqa: E402
 
 nb = Notebook("07_routing")
 nb.md("""
@@ -35,7 +33,7 @@ Section 4 needs the prepared model (its graded cell too): code cells starting wi
 `# requires: ...` print why they skip on a machine without it (a GPU runner without the
 model, a laptop without vLLM); the set-up cell prints what this machine has.
 """)
-setup(nb)
+nb.setup()
 nb.code("""
 lbm = load_part("load_balancer")
 mon = load_part("monitoring")

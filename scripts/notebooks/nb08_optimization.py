@@ -7,8 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from requires_setup import setup  # noqa: E402
 
 nb = Notebook("08_optimization")
 nb.md("""
@@ -35,7 +33,7 @@ not: code cells starting with `# requires: ...` print why they skip on a machine
 (a GPU runner without the model, a laptop without vLLM); the set-up cell prints what this
 machine has.
 """)
-setup(nb)
+nb.setup()
 nb.code("""
 qz = load_part("quantization")
 import time, math

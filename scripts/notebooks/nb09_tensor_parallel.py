@@ -7,8 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from requires_setup import setup  # noqa: E402
 
 nb = Notebook("09_tensor_parallel")
 nb.md("""
@@ -16,7 +14,8 @@ nb.md("""
 
 **Needs:** Part 1 (`kv_cache`, for the capacity question at the end) and Parts 2-4 (the
 engine runs your block manager and scheduler), plus this part's
-`exercises/tensor_parallel.py`. Check yourself with
+`exercises/tensor_parallel.py` (the shards) and `exercises/tp_collectives.py` (the
+collectives). Check yourself with
 `pytest tests/graded/test_part9_tensor_parallel.py`.
 
 A 70B-parameter model does not fit on one 80 GB GPU in fp16 (140 GB of weights), and
@@ -34,7 +33,7 @@ other notebooks, code cells starting with `# requires: ...` print why they skip 
 without it (a GPU runner without the model, a laptop without vLLM); the set-up cell prints
 what this machine has.
 """)
-setup(nb)
+nb.setup()
 nb.code("""
 tp = load_part("tensor_parallel")
 kv = load_part("kv_cache")

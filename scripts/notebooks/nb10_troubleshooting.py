@@ -7,8 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbbuild import Notebook  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from requires_setup import setup  # noqa: E402
 
 nb = Notebook("10_troubleshooting")
 nb.md("""
@@ -30,7 +28,7 @@ Sections 1-3 need the prepared model, and their vLLM runs need vLLM as well: cod
 starting with `# requires: ...` print why they skip on a machine without it (a GPU runner
 without the model, a laptop without vLLM); the set-up cell prints what this machine has.
 """)
-setup(nb)
+nb.setup()
 nb.code("""
 kv = load_part("kv_cache")
 import re, time

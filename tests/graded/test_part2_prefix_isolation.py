@@ -48,7 +48,7 @@ def test_equal_blocks_after_different_prefixes_are_not_shared(block_manager: Mod
     assert m.block_tables[3][1] != m.block_tables[2][1], "c must not reuse b's second block: its K/V saw b's first block"
     # The same whole prefix still hits: both full blocks of b are reused.
     assert m.allocate_blocks(4, b[:8] + [61]) == 8, "a prompt that starts with b's two full blocks must reuse both"
-    assert m.block_tables[4][:2] == m.block_tables[2][:2]
+    assert m.block_tables[4][:2] == m.block_tables[2][:2], "those two blocks are b's own"
 
 
 @pytest.mark.part(2)
