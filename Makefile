@@ -29,12 +29,14 @@ LAB_ROOT  := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lab test test-fast test-gpu grade exercises notebooks release doctor clean
+.PHONY: help setup lab test test-fast test-gpu gpu-wheels grade exercises notebooks release doctor clean
 
 help:
 	@echo "make lab        set up (.venv, vLLM, model) and open JupyterLab on $(NB_DIR)"
 	@echo "make test       set up and run every check: sync, tests, stubs fail, nbval, nbgrader round trip"
 	@echo "make grade      grade your exercises/ (points per part, results.json)"
+	@echo "make test-gpu   on a GPU runner: GPU tests, then every notebook through nbval on cuda"
+	@echo "make gpu-wheels the wheels test-gpu needs, for a GPU runner without a package registry"
 	@echo "make doctor     verify torch, vLLM, the model and transformers/vLLM agreement"
 	@echo "make exercises  regenerate exercises/ from solutions/ (course maintainers)"
 	@echo "make notebooks  regenerate notebooks from scripts/notebooks/ (course maintainers)"
@@ -101,10 +103,11 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -p no:cacheprovider --impl solutions tests -m "not slow and not vllm"
 
-# On a GPU runner: the GPU tests and notebooks on cuda.
-# On a GPU runner: every GPU test, then every notebook through nbval on cuda. On a machine
-# without a package registry, install the wheels brought along and pass its interpreter:
-#   pip install --no-index --find-links .gpu_wheels ... && make test-gpu GPU_PY=python3
+# On a GPU runner: every GPU test, then every notebook through nbval on cuda. On a runner
+# without a package registry whose Python already has torch, triton and transformers,
+# bring what the course adds (`make gpu-wheels` here), then there:
+#   python3 -m pip install --no-index --no-deps --target /tmp/site .gpu_wheels/*.whl
+#   PYTHONPATH=/tmp/site make test-gpu GPU_PY=python3
 GPU_PY ?=
 test-gpu: $(if $(GPU_PY),,setup)
 	set -euo pipefail
@@ -114,3 +117,21 @@ test-gpu: $(if $(GPU_PY),,setup)
 
 clean:
 	rm -rf release submitted autograded feedback gradebook.db results.json $(NB_DIR)/outputs
+
+# The wheels `test-gpu` needs beyond torch/triton/transformers (notebook runner, server,
+# torchao), for a registry-less Linux x86-64 runner with CPython $(GPU_PYVER); the versions
+# `make test-gpu` ran with on the reference H200.
+GPU_PYVER ?= 3.12
+GPU_WHEELS_DIR ?= .gpu_wheels
+GPU_WHEELS := nbval==0.11.0 nbclient==0.11.0 nbformat==5.11.1 ipykernel==7.4.0 ipython==9.18.1 \
+	ipython_pygments_lexers==1.1.1 jupyter_client==8.10.0 jupyter_core==5.9.1 comm==0.2.3 debugpy==1.8.22 \
+	matplotlib_inline==0.2.2 traitlets==5.16.1 tornado==6.6.1 pyzmq==27.3.0 jedi==0.20.1 parso==0.8.7 \
+	pexpect==4.9.0 ptyprocess==0.7.0 prompt_toolkit==3.0.53 wcwidth==0.9.4 stack_data==0.6.3 asttokens==3.0.2 \
+	executing==2.3.0 pure_eval==0.2.4 platformdirs==4.14.9 fastjsonschema==2.22.3 jsonschema==4.26.0 \
+	jsonschema_specifications==2025.9.1 referencing==0.37.0 rpds_py==2026.9.1 fastapi==0.136.3 starlette==1.10.0 \
+	sse_starlette==3.7.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 \
+	typing_inspection==0.4.5 torchao==0.18.0
+gpu-wheels: $(INSTALLED)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYVER) --implementation cp \
+		$(foreach p,manylinux_2_34 manylinux_2_28 manylinux_2_26 manylinux_2_24 manylinux_2_17 manylinux_2_5 manylinux2014 manylinux1,--platform $(p)_x86_64) \
+		-d $(GPU_WHEELS_DIR) $(GPU_WHEELS)
