@@ -106,8 +106,8 @@ test-fast: setup
 # On a GPU runner: every GPU test, then every notebook through nbval on cuda. On a runner
 # without a package registry whose Python already has torch, triton and transformers,
 # bring what the course adds (`make gpu-wheels` here), then there:
-#   python3 -m pip install --no-index --no-deps --target /tmp/site .gpu_wheels/*.whl
-#   PYTHONPATH=/tmp/site make test-gpu GPU_PY=python3
+#   python3 -m pip install --no-index --no-deps --target .gpu_site .gpu_wheels/*.whl
+#   PYTHONPATH=$PWD/.gpu_site make test-gpu GPU_PY=python3
 GPU_PY ?=
 test-gpu: $(if $(GPU_PY),,setup)
 	set -euo pipefail

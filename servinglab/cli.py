@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -89,12 +90,6 @@ def _bench_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from servinglab.serving.server import serve
-
-    return serve(args)
-
-
 def _bench_spec(args: argparse.Namespace) -> int:
     from servinglab.bench.spec import run_spec
     from servinglab.model.prepare import require_model
@@ -104,10 +99,27 @@ def _bench_spec(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_serve(args: argparse.Namespace) -> int:
-    from servinglab.bench.serve import main_from_args
-
-    return main_from_args(args)
+# Commands whose options and entry point live with their code: (group, name, help, module,
+# the module's add-arguments function, its run function). The parser imports each module
+# to read its options, so the run function is taken from the same module.
+DELEGATED: tuple[tuple[str, str, str, str, str, str], ...] = (
+    ("sub", "serve", "OpenAI-compatible HTTP server over the lab engine (like `vllm serve`)",
+     "servinglab.serving.server", "add_serve_arguments", "serve"),
+    ("sub", "router", "OpenAI-compatible router over N backend servers (Part 7 load balancer)",
+     "servinglab.serving.router", "add_router_arguments", "run_router"),
+    ("sub", "export-onnx", "export the decoder to ONNX, check it, compare onnxruntime with PyTorch (Part 8)",
+     "servinglab.bench.onnx_parity", "add_export_onnx_arguments", "run_export_onnx"),
+    ("sub", "build-trt", "TensorRT engines from the ONNX graphs (needs TensorRT and a GPU; Part 8)",
+     "servinglab.model.trt_build", "add_build_trt_arguments", "run_build_trt"),
+    ("bench", "quant", "bf16 / int8 / int4 (+ torch.compile): weight bytes, peak memory, decode tok/s, perplexity (Part 8)",
+     "servinglab.bench.quant", "add_bench_quant_arguments", "main_bench_quant"),
+    ("bench", "router", "routing policies x workloads over 3 servers behind the router (Part 7)",
+     "servinglab.bench.router", "add_bench_router_arguments", "main_from_args"),
+    ("bench", "serve", "online serving benchmark against OpenAI-compatible servers (like vLLM's benchmark_serving)",
+     "servinglab.bench.serve", "add_bench_serve_arguments", "main_from_args"),
+    ("bench", "tp", "tensor parallelism: TP=1 vs TP=k tokens/s, per-rank memory, time in collectives",
+     "servinglab.bench.tp", "add_bench_tp_arguments", "main_from_args"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,17 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(fn=_grade)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the lab engine (like `vllm serve`)")
-    from servinglab.serving.server import add_serve_arguments
 
-    add_serve_arguments(p)
-    p.set_defaults(fn=_serve)
-
-    p = sub.add_parser("router", help="OpenAI-compatible router over N backend servers (Part 7 load balancer)")
-    from servinglab.serving.router import add_router_arguments, run_router
-
-    add_router_arguments(p)
-    p.set_defaults(fn=run_router)
 
     bench = sub.add_parser("bench", help="benchmarks that compare systems side by side").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("throughput", help="offline throughput: lab engine vs vLLM vs transformers static batching")
@@ -204,41 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench_results"))
     p.set_defaults(fn=_bench_spec)
 
-    p = sub.add_parser("export-onnx", help="export the decoder to ONNX, check it, compare onnxruntime with PyTorch (Part 8)")
-    from servinglab.bench.onnx_parity import add_export_onnx_arguments, run_export_onnx
-
-    add_export_onnx_arguments(p)
-    p.set_defaults(fn=run_export_onnx)
-
-    p = sub.add_parser("build-trt", help="TensorRT engines from the ONNX graphs (needs TensorRT and a GPU; Part 8)")
-    from servinglab.model.trt_build import add_build_trt_arguments, run_build_trt
-
-    add_build_trt_arguments(p)
-    p.set_defaults(fn=run_build_trt)
-
-    p = bench.add_parser("quant", help="bf16 / int8 / int4 (+ torch.compile): weight bytes, peak memory, decode tok/s, perplexity (Part 8)")
-    from servinglab.bench.quant import add_bench_quant_arguments, main_bench_quant
-
-    add_bench_quant_arguments(p)
-    p.set_defaults(fn=main_bench_quant)
-
-    p = bench.add_parser("router", help="routing policies x workloads over 3 servers behind the router (Part 7)")
-    from servinglab.bench.router import add_bench_router_arguments, main_from_args as bench_router
-
-    add_bench_router_arguments(p)
-    p.set_defaults(fn=bench_router)
-
-    p = bench.add_parser("serve", help="online serving benchmark against OpenAI-compatible servers (like vLLM's benchmark_serving)")
-    from servinglab.bench.serve import add_bench_serve_arguments
-
-    add_bench_serve_arguments(p)
-    p.set_defaults(fn=_bench_serve)
-
-    p = bench.add_parser("tp", help="tensor parallelism: TP=1 vs TP=k tokens/s, per-rank memory, time in collectives")
-    from servinglab.bench.tp import add_bench_tp_arguments, main_from_args as _bench_tp
-
-    add_bench_tp_arguments(p)
-    p.set_defaults(fn=_bench_tp)
+    groups = {"sub": sub, "bench": bench}
+    for group, name, help_text, module_name, add_arguments, run in DELEGATED:
+        module = importlib.import_module(module_name)
+        p = groups[group].add_parser(name, help=help_text)
+        getattr(module, add_arguments)(p)
+        p.set_defaults(fn=getattr(module, run))
     return parser
 
 

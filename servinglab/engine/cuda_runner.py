@@ -123,16 +123,16 @@ class CudaModelRunner(ModelRunner):
         size = self.graphs.padded_size(n)
         if size is None:
             return None
-        for item in out.scheduled:
-            seq = item.seq
-            if item.num_new_tokens != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
-                return None
         bs, width, slot_of = self.block_size, self.graphs.max_blocks, self.slot_of
+        # One pass: a step that turns out not to be decode-only leaves lanes written that
+        # no copy sends (host_inputs waited for the previous copy), so bailing out is safe.
         ids, pos, slots, ctx, tables = self.graphs.host_inputs(size)
         longest = 0
         for i, item in enumerate(out.scheduled):
             seq = item.seq
             p = seq.num_computed_tokens
+            if item.num_new_tokens != 1 or p + 1 != seq.num_tokens:
+                return None  # a prefill chunk: the general path
             table = block_tables.get(seq.seq_id)
             if table is None or len(table) * bs <= p:
                 raise ValueError(f"{seq} needs {p // bs + 1} blocks for {p + 1} tokens, has {0 if table is None else len(table)}")

@@ -15,8 +15,9 @@ import json
 import time
 from typing import Any, Literal
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from servinglab.engine.outputs import CompletionOutput
@@ -215,3 +216,23 @@ class APIKeyMiddleware:
                 await JSONResponse(body, status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def install_error_handlers(app: FastAPI, internal_label: str) -> None:
+    """Answer every error with an OpenAI-style body and keep serving (the server's and the router's).
+
+    An :class:`APIError` keeps its status; Starlette's own errors (404, 405...) keep
+    theirs; anything else is a 500 whose message starts with ``internal_label``.
+    """
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(APIError(500, f"{internal_label}: {type(exc).__name__}: {exc}").body(), status_code=500)

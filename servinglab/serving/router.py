@@ -32,7 +32,6 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servinglab.serving import protocol as P
 from servinglab.serving.router_state import RouterState, make_balancer, no_backend_error
@@ -153,17 +152,7 @@ def create_router_app(state: RouterState) -> FastAPI:
     app = FastAPI(title="servinglab router", lifespan=lifespan)
     app.state.router = state
 
-    @app.exception_handler(P.APIError)
-    async def _api_error(request: Request, exc: P.APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(P.APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(P.APIError(500, f"router error: {type(exc).__name__}: {exc}").body(), status_code=500)
+    P.install_error_handlers(app, "router error")
 
     @app.get("/health")
     async def health() -> JSONResponse:

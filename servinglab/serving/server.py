@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servinglab.serving import protocol as P
 from servinglab.serving.streaming import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PENDING, ServerState, sse_response, start_jobs, stream_chunks
@@ -101,17 +100,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.serving = state
     tokenizer = state.engine.tokenizer
 
-    @app.exception_handler(P.APIError)
-    async def _api_error(request: Request, exc: P.APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(P.APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(P.APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
+    P.install_error_handlers(app, "internal error")
 
     if state.api_key:
         app.add_middleware(P.APIKeyMiddleware, api_key=state.api_key)
