@@ -22,20 +22,20 @@ same run; warm: the whole workload ran once before, see ``cold_run_s``), command
 
 | model | system | output tok/s | batch-1 TPOT ms | step ms b1 / b64 | GPU busy b1 / b64 | launches/step b1 / b64 |
 | --- | --- | --- | --- | --- | --- | --- |
-| 135M | lab, CUDA graphs | 33,633 (79.3x) | 1.19 * | 1.19 / 1.60 | 60% / 42% | 6 / 6 |
-| 135M | lab, eager | 5,678 (13.4x) | 10.6 | 13.6 / 19.4 | 5% / 4% | 217 / 307 |
-| 135M | transformers bs32 | 424 | 64.9 | - | - | - |
-| 1.7B | lab, CUDA graphs | 15,607 (25.4x) | 1.78 | 1.70 / 2.88 | 58% / 57% | 6 / 6 |
-| 1.7B | lab, eager | 8,196 (13.3x) | 8.16 | 8.16 / 8.03 | 14% / 20% | 271 / 247 |
-| 1.7B | transformers bs32 | 615 | 54.1 | - | - | - |
+| 135M | lab, CUDA graphs | 32,278 (77.6x) | 0.95 | 0.94 / 1.65 | 80% / 55% | 6 / 6 |
+| 135M | lab, eager | 6,082 (14.6x) | 11.5 | 10.7 / 12.2 | 7% / 7% | 277 / 307 |
+| 135M | transformers bs32 | 416 | 68.5 | - | - | - |
+| 1.7B | lab, CUDA graphs | 15,950 (29.6x) | 1.69 | 1.75 / 2.82 | 83% / 70% | 6 / 6 |
+| 1.7B | lab, eager | 5,316 (9.9x) | 11.2 | 12.3 / 9.5 | 12% / 21% | 271 / 247 |
+| 1.7B | transformers bs32 | 538 | 76.2 | - | - | - |
 
 Greedy tokens were identical with and without CUDA graphs for all 128 requests. Cold
-(first pass in a fresh process): 2.74 s against 0.63 s warm for 135M, 4.28 s against
-1.36 s for 1.7B. * That run also folded RMSNorm into the small-batch GEMMs, which made
-batch-1 slower and was dropped (see :mod:`servinglab.model.triton.small_gemm`); without
-it, on the same day and machine kind, batch-1 TPOT of 135M measured 0.98 ms (graph
-replay 0.80 ms of GPU time; about 0.2 ms of host work per step: scheduling, filling the
-pinned inputs, the graph launch, the sampled token's copy back).
+(first pass in a fresh process, Triton autotuning and graph capture included): 3.38 s
+against 0.66 s warm for 135M, 3.77 s against 1.33 s for 1.7B. At batch 1 the 135M graph
+replay is about 0.76 ms of GPU time; the rest of a step (about 0.2 ms) is host work:
+scheduling, filling the pinned inputs, the graph launch, the sampled token's copy back.
+Absolute figures vary between H200 machines by up to 1.5x (clocks, host CPU); the ratios
+come from one run on one machine.
 """
 
 from __future__ import annotations
