@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple
 
-from servinglab.engine.engine_thread import EngineThread, run_sync
+from servinglab.engine.engine_thread import EngineThread, run_sync, shutdown_async_llm
 
 from .serving_stats import PERCENTILES, STATS, RequestTimestamps, compute_latency_stats, percentile
 
@@ -99,8 +99,12 @@ class vLLMServingEngine:  # noqa: N801 (the course's public name, docs/reference
         if self.runner is not None:
             if self.front is not None:
                 self.runner.call(self.front.aclose())
+            elif self.backend == "vllm" and self.engine is not None:
+                # On the engine loop, while it still runs: AsyncLLM cancels its output task
+                # there, and a task left pending on a stopped loop errors at interpreter exit.
+                self.runner.call(shutdown_async_llm(self.engine))
             self.runner.stop()
-        if self.backend == "vllm" and self.engine is not None:
+        elif self.backend == "vllm" and self.engine is not None:
             self.engine.shutdown()
         self.engine = self.front = self.runner = None
 

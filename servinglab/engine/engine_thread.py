@@ -84,3 +84,16 @@ class EngineThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+
+async def shutdown_async_llm(engine: Any, timeout_s: float = 10.0) -> None:
+    """Shut vLLM's ``AsyncLLM`` down from the event loop that runs its output task.
+
+    ``AsyncLLM.shutdown`` stops the engine-core process and asks the output task to cancel
+    on its own loop; awaiting that task here lets the cancellation finish before the
+    loop stops (a task left pending on a stopped loop logs "Event loop is closed" at exit).
+    """
+    engine.shutdown()
+    handler = getattr(engine, "output_handler", None)
+    if isinstance(handler, asyncio.Task) and not handler.done():
+        await asyncio.wait([handler], timeout=timeout_s)
