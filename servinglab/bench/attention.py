@@ -15,27 +15,33 @@ Kernels compared (each the median of many replays of a CUDA graph of the launch,
 - ``part3b``: the course's teaching kernel (``paged_attention_triton``, reference parts);
 - ``pytorch``: Part 3's ``batched_decode_attention`` (gather + SDPA, reference parts).
 
-Reference machine (one NVIDIA H200, triton 3.6, bf16, block 16, SmolLM2-135M heads
-9/3 x 64, one run on 2026-12-01), ``servinglab bench attention``; microseconds (TB/s):
+Reference machine (one NVIDIA H200, triton 3.6, bf16, block 16, one run on 2026-12-03),
+``servinglab bench attention --layout L``; microseconds (TB/s):
 
-| batch x context | lab | lab 1-pass | part3b | pytorch |
-| --- | --- | --- | --- | --- |
-| 1 x 8192 | 8.1 (0.78) | 145 (0.04) | 352 (0.02) | 138 (0.05) |
-| 8 x 8192 | 26.4 (1.90) | 199 (0.25) | 695 (0.07) | 166 (0.30) |
-| 32 x 2048 | 25.7 (1.96) | 51.9 (0.97) | 175 (0.29) | 78.7 (0.64) |
-| 128 x 2048 | 71.0 (2.84) | 71.0 (2.84) | 186 (1.08) | 227 (0.89) |
-| 128 x 8192 | 263 (3.06) | 263 (3.06) | 731 (1.10) | 826 (0.98) |
+| layout | batch x context | lab (splits) | lab 1-pass | part3b | pytorch |
+| --- | --- | --- | --- | --- | --- |
+| 135M, 9/3 heads | 1 x 8192 | 8.1 (0.77), 32 | 145 (0.04) | 352 (0.02) | 139 (0.05) |
+| 135M | 8 x 8192 | 17.2 (2.92), 32 | 198 (0.25) | 667 (0.08) | 166 (0.30) |
+| 135M | 32 x 2048 | 16.6 (3.04), 11 | 51.8 (0.97) | 174 (0.29) | 78.7 (0.64) |
+| 135M | 128 x 8192 | 203 (3.96), 2 | 261 (3.09) | 732 (1.10) | 829 (0.97) |
+| 1.7B, 32/32 heads | 1 x 8192 | 22.3 (3.01), 32 | 201 (0.33) | 779 (0.09) | 72.9 (0.92) |
+| 1.7B | 8 x 8192 | 131 (4.09), 4 | 243 (2.21) | 769 (0.70) | 416 (1.29) |
+| 1.7B | 32 x 2048 | 132 (4.07), 1 | 135 (3.98) | 221 (2.43) | 421 (1.28) |
+| 1.7B | 128 x 8192 | 2078 (4.13), 1 | 2123 (4.05) | 2000 (4.30) | 6490 (1.32) |
 
-With SmolLM2-1.7B's 32/32 heads the lab kernel reached 4.19 TB/s (87% of 4.8) at
-32 x 8192 (plain launches, ``do_bench``).
+Without grouping (1.7B) 15 of the lab kernel's 16 tile rows are padding, and at large
+batches Part 3b's one-program-per-head kernel edges ahead (4.30 against 4.13 TB/s).
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 H200_BANDWIDTH = 4.8e12  # bytes/s, vendor datasheet
 LAYOUTS = {"smollm2-135m": (9, 3, 64), "smollm2-1.7b": (32, 32, 64)}  # heads, kv heads, head_dim
@@ -53,6 +59,10 @@ def _case(batch: int, ctx: int, heads: int, kv_heads: int, head_dim: int, block_
     q = torch.randn(batch, heads, head_dim, generator=gen, device="cuda", dtype=dtype)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     nbytes = 2 * batch * ctx * kv_heads * head_dim * k.element_size() + 2 * q.numel() * q.element_size()
+    # The timings run on a side stream (do_bench_cudagraph): without this wait a kernel
+    # there can read the block table before the default stream has written it, and
+    # follow garbage block ids out of the cache (an illegal address, seen at 128 x 8192).
+    torch.cuda.synchronize()
     return q, k, v, tables, lens, nbytes
 
 
@@ -65,10 +75,12 @@ def run_attention_bench(
         raise SystemExit("servinglab bench attention needs a CUDA device")
     from triton.testing import do_bench, do_bench_cudagraph
 
-    def timed(fn) -> float:
+    def timed(fn: Callable[[], object], label: str) -> float:
         try:
             return do_bench_cudagraph(fn, rep=50, return_mode="median")
-        except Exception:  # a path that cannot be captured: plain launches, host overhead included
+        except Exception as exc:  # a path that cannot be captured: plain launches, host overhead included
+            print(f"{label}: not capturable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); plain launches",
+                  file=sys.stderr, flush=True)
             return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
     from servinglab import impl
@@ -80,22 +92,21 @@ def run_attention_bench(
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     scale = head_dim**-0.5
     rows = []
-    for batch in batches:
-        for ctx in contexts:
-            q, k, v, t, lens, nbytes = _case(batch, ctx, heads, kv_heads, head_dim, block_size, getattr(torch, dtype))
-            fns = {
-                "lab": lambda: paged_decode_attention(q, k, v, t, lens, scale, max_context_len=ctx),
-                "lab 1-pass": lambda: paged_decode_attention(q, k, v, t, lens, scale, num_splits=1),
-                "part3b": lambda: part3b.paged_decode_attention(q, k, v, t, lens, scale),
-                "pytorch": lambda: part3.batched_decode_attention(q, k, v, t, lens, ctx, scale),
-            }
-            row = {"batch": batch, "context": ctx, "bytes": nbytes, "splits": choose_num_splits(batch, kv_heads, ctx, sms)}
-            for name in kernels:
-                ms = timed(fns[name])
-                row[name] = {"ms": ms, "tb_s": nbytes / ms / 1e9}
-            rows.append(row)
-            del q, k, v, t, lens
-            torch.cuda.empty_cache()
+    for batch, ctx in tqdm([(b, c) for b in batches for c in contexts], desc=f"decode attention, {layout}"):
+        q, k, v, t, lens, nbytes = _case(batch, ctx, heads, kv_heads, head_dim, block_size, getattr(torch, dtype))
+        fns = {
+            "lab": lambda: paged_decode_attention(q, k, v, t, lens, scale, max_context_len=ctx),
+            "lab 1-pass": lambda: paged_decode_attention(q, k, v, t, lens, scale, num_splits=1),
+            "part3b": lambda: part3b.paged_decode_attention(q, k, v, t, lens, scale),
+            "pytorch": lambda: part3.batched_decode_attention(q, k, v, t, lens, ctx, scale),
+        }
+        row = {"batch": batch, "context": ctx, "bytes": nbytes, "splits": choose_num_splits(batch, kv_heads, ctx, sms)}
+        for name in kernels:
+            ms = timed(fns[name], f"{batch} x {ctx} {name}")
+            row[name] = {"ms": ms, "tb_s": nbytes / ms / 1e9}
+        rows.append(row)
+        del q, k, v, t, lens
+        torch.cuda.empty_cache()
     header = "| batch | context | MB read | lab splits | " + " | ".join(f"{n} us (TB/s, % of 4.8)" for n in kernels) + " |"
     lines = [f"decode attention, {layout} heads {heads}/{kv_heads}x{head_dim}, {dtype}, block {block_size}, {torch.cuda.get_device_name()}",
              header, "|" + " --- |" * (4 + len(kernels))]
