@@ -599,9 +599,10 @@ At batch 1 one program per KV head leaves most of the GPU idle: splitting the co
 over programs (flash-decoding) is what fills it. With SmolLM2-1.7B's heads (32 query
 heads on 32 KV heads, no grouping) the lab kernel reaches 4.1 TB/s (86%) from batch 32
 up, and the simpler Part 3b kernel 4.3 TB/s (89%) at batch 128: with one query head per
-KV head, 15 of the lab kernel's 16 tile rows are padding (run of 2026-12-03). The whole engine, 128 requests
-(prompts 64..512, outputs 64..256), against transformers `generate` in static batches of
-32 in the same run (`servinglab bench throughput --device cuda --random-weights M
+KV head, 15 of the lab kernel's 16 tile rows are padding (run of 2026-12-03).
+
+The whole engine, 128 requests (prompts 64..512, outputs 64..256), against transformers
+`generate` in static batches of 32 in the same run (`servinglab bench throughput --device cuda --random-weights M
 --num-requests 128 --min-len 64 --max-len 512 --systems lab hf --hf-batch 32`):
 
 | model | system | output tok/s | batch-1 ms/token | launches per decode step |

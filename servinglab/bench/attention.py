@@ -59,10 +59,6 @@ def _case(batch: int, ctx: int, heads: int, kv_heads: int, head_dim: int, block_
     q = torch.randn(batch, heads, head_dim, generator=gen, device="cuda", dtype=dtype)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     nbytes = 2 * batch * ctx * kv_heads * head_dim * k.element_size() + 2 * q.numel() * q.element_size()
-    # The timings run on a side stream (do_bench_cudagraph): without this wait a kernel
-    # there can read the block table before the default stream has written it, and
-    # follow garbage block ids out of the cache (an illegal address, seen at 128 x 8192).
-    torch.cuda.synchronize()
     return q, k, v, tables, lens, nbytes
 
 
@@ -76,6 +72,10 @@ def run_attention_bench(
     from triton.testing import do_bench, do_bench_cudagraph
 
     def timed(fn: Callable[[], object], label: str) -> float:
+        # do_bench_cudagraph runs fn on a side stream: without this wait a kernel there can
+        # read inputs the default stream has not finished writing (a block table of garbage
+        # ids sent the lab kernel out of the cache: an illegal address, seen at 128 x 8192).
+        torch.cuda.synchronize()
         try:
             return do_bench_cudagraph(fn, rep=50, return_mode="median")
         except Exception as exc:  # a path that cannot be captured: plain launches, host overhead included
