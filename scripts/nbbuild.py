@@ -92,6 +92,10 @@ class Notebook:
         """An autograded test cell worth ``points``; ``### BEGIN/END HIDDEN TESTS`` hides parts."""
         if points <= 0:
             raise ValueError(f"points must be positive, got {points}")
+        marker = textwrap.dedent(src).strip().splitlines()[0]
+        if marker.startswith("# requires:") and "part" in marker:
+            # A skipped cell raises nothing, and nbgrader scores a test cell that raises nothing as passed.
+            raise ValueError(f"{grade_id}: a graded cell may not wait for a part ({marker!r}); only for model/vllm/cuda")
         cell = nbformat.v4.new_code_cell(textwrap.dedent(src).strip())
         cell.metadata.update(self._meta(grade_id, grade=True, solution=False, locked=True, points=points))
         self.nb.cells.append(cell)

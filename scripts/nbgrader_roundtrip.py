@@ -8,22 +8,28 @@ the notebooks (that is how a student submits their code):
   holding the solutions;
 - ``starter``: the released notebooks untouched and ``exercises/`` holding the stubs.
 
-``nbgrader autograde`` runs both; the reference must score full marks and the starter
-zero. Exits 1 otherwise, printing each notebook's score.
+``nbgrader autograde`` runs both; the reference must score full marks, with no cell
+raising an error (graded or not: this is the only run of the graded notebooks with the
+reference, so it also does what ``nbval --nbval-lax`` would), and the starter zero.
+Prints each notebook's score, the seconds each submission took and the slowest cells;
+exits 1 on any failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSIGNMENT = "day51"
+NOTEBOOK_DIR = ROOT / "notebooks" / ASSIGNMENT
 CONFIG = """\
 c = get_config()
 c.CourseDirectory.root = {root!r}
@@ -65,6 +71,49 @@ def scores(course: Path) -> dict[str, dict[str, tuple[float, float]]]:
     return out
 
 
+def _seconds(cell: dict) -> float:
+    """How long nbclient took to run a cell (its recorded ``execution`` timestamps), 0 when it did not run."""
+    stamps = cell.get("metadata", {}).get("execution", {})
+    start, end = stamps.get("iopub.execute_input"), stamps.get("shell.execute_reply")
+    if not (start and end):
+        return 0.0
+    parse = lambda t: datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(end) - parse(start)).total_seconds()
+
+
+def executed(course: Path, student: str) -> dict[str, dict]:
+    """The autograded (executed) notebooks of one student, by name."""
+    folder = course / "autograded" / student / ASSIGNMENT
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.ipynb"))}
+
+
+def cell_errors(nb: dict) -> list[str]:
+    """One line per code cell that raised: what ``nbval --nbval-lax`` would fail on."""
+    found = []
+    for index, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", "?")
+                found.append(f"code cell {index} ({grade_id}): {out.get('ename')}: {str(out.get('evalue'))[:300]}")
+    return found
+
+
+def time_report(runs: dict[str, dict[str, dict]], slowest: int = 8) -> None:
+    """Seconds each student's notebooks took, and the slowest cells of the reference run."""
+    for student, nbs in runs.items():
+        per_nb = {name: sum(_seconds(c) for c in nb["cells"] if c["cell_type"] == "code") for name, nb in nbs.items()}
+        print(f"{student:<10} executed in {sum(per_nb.values()):6.0f} s: "
+              + ", ".join(f"{name[:2]} {t:.0f}" for name, t in per_nb.items()))
+    cells = [(_seconds(c), name, i) for name, nb in runs.get("reference", {}).items()
+             for i, c in enumerate(c for c in nb["cells"] if c["cell_type"] == "code")]
+    print("slowest reference cells:", ", ".join(f"{name} cell {i} {t:.0f} s" for t, name, i in sorted(cells, reverse=True)[:slowest]))
+
+
+def graded_notebooks() -> list[str]:
+    """The notebooks with graded cells (the round trip executes these; ungraded ones have nothing to grade)."""
+    return [p.stem for p in sorted(NOTEBOOK_DIR.glob("*.ipynb")) if '"grade": true' in p.read_text()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the temporary course folder")
@@ -75,10 +124,9 @@ def main() -> int:
         (course / "nbgrader_config.py").write_text(CONFIG.format(root=str(course)))
         src = course / "source" / ASSIGNMENT
         src.mkdir(parents=True)
-        names = args.notebooks or [p.stem for p in sorted((ROOT / "notebooks" / ASSIGNMENT).glob("*.ipynb"))
-                                   if '"grade": true' in p.read_text()]  # ungraded notebooks (10) have nothing to grade
+        names = args.notebooks or graded_notebooks()
         for name in names:
-            shutil.copy(ROOT / "notebooks" / ASSIGNMENT / f"{name}.ipynb", src)
+            shutil.copy(NOTEBOOK_DIR / f"{name}.ipynb", src)
         nbgrader(course, "db", "assignment", "add", ASSIGNMENT)
         nbgrader(course, "generate_assignment", ASSIGNMENT, "--force")
         # The reference answers every notebook cell as the source does and carries the solutions;
@@ -89,7 +137,15 @@ def main() -> int:
             nbgrader(course, "db", "student", "add", student)
         nbgrader(course, "autograde", ASSIGNMENT, "--force")
         result = scores(course)
+        runs = {student: executed(course, student) for student in result}
+        time_report(runs)
         ok = True
+        # Every cell of the reference must run without error, graded or not (nbval's check):
+        # this run is the only one that executes the graded notebooks with the reference.
+        for name, nb in runs["reference"].items():
+            for line in cell_errors(nb):
+                ok = False
+                print(f"reference  {name}: ERROR in {line}")
         for student, nbs in result.items():
             for nb, (score, max_score) in sorted(nbs.items()):
                 want = max_score if student == "reference" else 0.0

@@ -8,7 +8,9 @@ the test suite calls for ``pytest --impl``. Every part is imported by name, for 
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,3 +83,40 @@ def use_impl(name: str) -> Iterator[None]:
         yield
     finally:
         set_impl(previous)
+
+
+def _is_stub(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """A function whose own body (not a branch inside it) raises ``NotImplementedError``: a stub.
+
+    The generated stubs keep the lines before the solution region (argument checks) and
+    end in ``raise NotImplementedError("<name>: your code here")``.
+    """
+    for stmt in node.body:
+        if isinstance(stmt, ast.Raise) and stmt.exc is not None:
+            exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
+            if isinstance(exc, ast.Name) and exc.id == "NotImplementedError":
+                return True
+    return False
+
+
+def stubs_left(part: int, impl: str | None = None) -> list[str]:
+    """The functions of Part ``part`` that are still stubs in ``impl`` (default: the current one).
+
+    Read from the source files without importing them, e.g. ``["Scheduler.schedule"]``;
+    an empty list means the part has no stub left (its tests decide whether it is right).
+    """
+    if part not in PART_MODULES:
+        raise ValueError(f"part must be one of {sorted(PART_MODULES)}, got {part!r}")
+    package = _check(impl) if impl is not None else current_impl()
+    left: list[str] = []
+    for module in PART_MODULES[part]:
+        spec = importlib.util.find_spec(f"{package}.{module}")
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"{package}.{module} (Part {part}) cannot be found")
+        tree = ast.parse(open(spec.origin, encoding="utf-8").read())
+        for node in tree.body:
+            funcs = [(node.name, node)] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else []
+            if isinstance(node, ast.ClassDef):
+                funcs = [(f"{node.name}.{f.name}", f) for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            left += [name for name, f in funcs if _is_stub(f)]
+    return left

@@ -468,21 +468,30 @@ assert tiny_model.attention is pa or tiny_model.attention.__name__ == pa.__name_
 tiny_llm = LLM(model_obj=tiny_model, hf_config=cfg, dtype="float32", num_kv_blocks=32, block_size=4, max_num_seqs=4)
 prompts = [[5, 17, 99, 3, 42, 7, 8], [200, 11], [31, 32, 33, 34, 35, 36, 37, 38, 39]]
 got = [o.outputs[0].token_ids for o in tiny_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)]
+# Same greedy tokens as the oracle: identical, or a divergence at a float32 near-tie of the
+# oracle (two kernels round differently; servinglab/course/exactness.py). A wrong attention
+# diverges by whole units of logit.
+from servinglab.course.exactness import causal_lm_next_logits, check_same_or_near_tie, near_tie_bound
 oracle = to_transformers(tiny_model).to(DEVICE)
+expected = []
 with torch.inference_mode():
     for prompt, ours in zip(prompts, got):
         ids = torch.tensor([prompt], device=DEVICE)
         for _ in range(6):
             ids = torch.cat([ids, oracle(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
-        assert ours == ids[0, len(prompt):].tolist(), (prompt, ours, ids[0, len(prompt):].tolist())
+        expected.append(ids[0, len(prompt):].tolist())
+        check_same_or_near_tie(expected[-1], ours, causal_lm_next_logits(oracle, prompt), near_tie_bound("float32"), f"prompt {prompt}")
 if "lab_tokens" in globals() and "hf_tokens" in globals():
-    assert lab_tokens == hf_tokens, "the real model should match transformers token for token in float32"
+    for prompt, ours, theirs in zip(PROMPTS, lab_tokens, hf_tokens):
+        check_same_or_near_tie(theirs, ours, causal_lm_next_logits(hf, tokenizer(prompt)["input_ids"]),
+                               near_tie_bound("float32"), f"real model, {prompt!r}")
 ### BEGIN HIDDEN TESTS
 # Chunked prefill through a tiny token budget: every prompt is split across steps.
 chunky = LLM(model_obj=tiny_model, hf_config=cfg, dtype="float32", num_kv_blocks=32, block_size=4,
              max_num_seqs=4, max_num_batched_tokens=5)
 again = [o.outputs[0].token_ids for o in chunky.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)]
-assert again == got, "chunked prefill must not change greedy tokens"
+for prompt, want, chunked in zip(prompts, expected, again):  # chunked prefill must not change greedy tokens
+    check_same_or_near_tie(want, chunked, causal_lm_next_logits(oracle, prompt), near_tie_bound("float32"), "chunked prefill")
 ### END HIDDEN TESTS
 """, "real_model_test", points=2)
 nb.md("""

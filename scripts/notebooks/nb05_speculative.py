@@ -229,8 +229,14 @@ print(f"acceptance {ngram_run.acceptance_rate:.2f}, {ngram_run.mean_tokens_per_s
 """, "ngram_run")
 nb.tests("""
 # requires: model
+# Greedy speculation must reproduce the target's greedy tokens. Exactly so in exact arithmetic;
+# in floating point the k + 1 positions of one verification pass round differently from one
+# position per step, so the check allows a divergence only at a near-tie of the target
+# (servinglab/course/exactness.py): a kept, unverified draft diverges by whole units of logit.
+from servinglab.course.exactness import causal_lm_next_logits, check_same_or_near_tie, near_tie_bound
 assert 0 < len(ngram_run.token_ids) <= MAX_TOKENS
-assert ngram_run.token_ids == reference, "greedy speculative decoding must reproduce the target's greedy tokens"
+print(check_same_or_near_tie(reference, ngram_run.token_ids, causal_lm_next_logits(model, grounded),
+                             near_tie_bound(model.dtype), "speculative vs plain greedy", eos_token_id=tok.eos_token_id))
 ### BEGIN HIDDEN TESTS
 assert ngram_run.num_steps < len(reference) / 2, "prompt lookup should emit more than 2 tokens per pass on this edit"
 assert ngram_run.num_accepted_tokens <= ngram_run.num_draft_tokens
@@ -339,7 +345,9 @@ for name, prompt in (("edit (input-grounded)", grounded), ("open-ended story", o
     outs, stats = generate_with_speculation(spec_llm, [prompt], params)
     t_spec = time.perf_counter() - t0
     runs[name] = stats[0]
-    assert outs[0].outputs[0].token_ids == plain_ids, "speculation must not change greedy output (float32)"
+    # speculation must not change greedy output: identical, or a float32 near-tie of the target
+    print(check_same_or_near_tie(plain_ids, outs[0].outputs[0].token_ids, causal_lm_next_logits(model, prompt),
+                                 near_tie_bound("float32"), f"{name}: engine speculation vs plain", tok.eos_token_id))
     print(f"{name}: acceptance {stats[0].acceptance_rate:.2f}, {stats[0].mean_tokens_per_step:.2f} tokens per target pass, "
           f"{t_plain / t_spec:.2f}x faster than the plain engine (one run, this machine)")
 bm = spec_llm.engine.block_manager

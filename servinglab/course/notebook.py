@@ -12,7 +12,13 @@ The requirements are
 - ``model``: the prepared SmolLM2-135M-Instruct folder (:func:`servinglab.model.prepare.is_prepared`,
   which honours ``$SERVINGLAB_CACHE``);
 - ``vllm``: an importable ``vllm`` package;
-- ``cuda``: a CUDA device (``torch.cuda.is_available()``).
+- ``cuda``: a CUDA device (``torch.cuda.is_available()``);
+- ``part1`` .. ``part9``: your code of that part has no stub left (no function whose body
+  still only raises ``NotImplementedError``, :func:`servinglab.impl.stubs_left`). A cell
+  that only measures or plots what a part computes waits for that part, instead of
+  spending minutes to end in ``NotImplementedError``. Graded cells never carry it
+  (nbgrader would score a skipped test as passed), and unlike the others it is checked
+  each time the cell runs, so finishing the part and rerunning the cell is enough.
 
 ``SERVINGLAB_WITHOUT=model,vllm`` rehearses a machine that lacks them: the names listed
 count as missing even where they are present (as ``ONEDNN_MAX_CPU_ISA=AVX2`` rehearses an
@@ -31,10 +37,14 @@ from pathlib import Path
 
 import torch
 
+from servinglab.impl import PART_MODULES, PARTS, stubs_left
 from servinglab.model.prepare import default_model_dir, is_prepared
 
 REQUIREMENTS: tuple[str, ...] = ("model", "vllm", "cuda")
-"""The names a ``# requires:`` marker (and ``$SERVINGLAB_WITHOUT``) may list."""
+"""The machine requirements a ``# requires:`` marker (and ``$SERVINGLAB_WITHOUT``) may list."""
+
+PART_REQUIREMENTS: tuple[str, ...] = tuple(f"part{n}" for n in PARTS)
+"""``partN``: the implementation's Part N has no stub left (markers only, not ``$SERVINGLAB_WITHOUT``)."""
 
 WITHOUT_ENV = "SERVINGLAB_WITHOUT"
 """Comma list of requirements that count as missing: rehearse a machine that lacks them."""
@@ -65,13 +75,25 @@ def output_dir(notebook: str) -> Path:
     return path
 
 
-def _check_names(names: Iterable[str], where: str) -> list[str]:
+def _check_names(names: Iterable[str], where: str, allowed: tuple[str, ...] = REQUIREMENTS) -> list[str]:
     """The names in order, without repeats; ValueError naming the allowed values on an unknown one."""
     names = list(dict.fromkeys(names))
-    unknown = [n for n in names if n not in REQUIREMENTS]
+    unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise ValueError(f"unknown requirement(s) {unknown} in {where}; allowed: {', '.join(REQUIREMENTS)}")
+        shown = ", ".join(REQUIREMENTS) + (", part1 .. part9" if allowed != REQUIREMENTS else "")
+        raise ValueError(f"unknown requirement(s) {unknown} in {where}; allowed: {shown}")
     return names
+
+
+def _part_missing(name: str) -> tuple[str, str] | None:
+    """``(name, reason)`` when Part N (``name == "partN"``) of the implementation still has stubs."""
+    part = int(name.removeprefix("part"))
+    left = stubs_left(part)
+    if not left:
+        return None
+    shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+    return name, (f"Part {part} ({', '.join(PART_MODULES[part])}) still has stubs: {shown}; "
+                  "implement them and rerun this cell")
 
 
 def rehearsed_missing() -> list[str]:
@@ -141,7 +163,7 @@ def cell_requirements(lines: list[str]) -> list[str] | None:
     names = [n.strip() for n in match["names"].split(",")]
     if not any(names) or not all(names):
         raise ValueError(f"malformed marker {first.strip()!r}: write `# requires: {', '.join(REQUIREMENTS)}` or a subset")
-    return _check_names(names, f"the marker {first.strip()!r}")
+    return _check_names(names, f"the marker {first.strip()!r}", REQUIREMENTS + PART_REQUIREMENTS)
 
 
 def skip_if_missing(lines: list[str]) -> list[str]:
@@ -150,8 +172,10 @@ def skip_if_missing(lines: list[str]) -> list[str]:
     An IPython cleanup input transformer (lines in, lines out, no side effects): an
     unmarked cell, or a marked one whose requirements are all here, comes back unchanged.
     """
-    needs = cell_requirements(lines)
-    return _skipped(lines, _missing(needs) if needs else [])
+    needs = cell_requirements(lines) or []
+    machine = [n for n in needs if n in REQUIREMENTS]
+    parts = [m for m in map(_part_missing, (n for n in needs if n in PART_REQUIREMENTS)) if m]
+    return _skipped(lines, (_missing(machine) if machine else []) + parts)
 
 
 def _skipped(lines: list[str], missing: list[tuple[str, str]]) -> list[str]:
@@ -173,7 +197,8 @@ def _transformer_fixed_at_setup() -> Callable[[list[str]], list[str]]:
 
     def skip_missing_at_setup(lines: list[str]) -> list[str]:
         needs = cell_requirements(lines) or []
-        return _skipped(lines, [(n, fixed[n]) for n in needs if n in fixed])
+        parts = [m for m in map(_part_missing, (n for n in needs if n in PART_REQUIREMENTS)) if m]
+        return _skipped(lines, [(n, fixed[n]) for n in needs if n in fixed] + parts)
 
     return skip_missing_at_setup
 

@@ -125,3 +125,22 @@ def test_enable_requires_marker_registers_once_and_summarizes(machine):
     machine.setenv(nbmod.WITHOUT_ENV, "vllm")
     machine.setattr(IPython, "get_ipython", lambda: None)
     assert enable_requires_marker() == summary, "outside IPython it only summarizes"
+
+
+def test_part_requirement_waits_for_the_parts_stubs(machine):
+    """``# requires: partN`` skips while Part N has stubs (naming them), and runs on a finished part."""
+    from servinglab.impl import stubs_left, use_impl
+
+    assert stubs_left(4, "solutions") == []
+    assert "Scheduler.schedule" in stubs_left(4, "exercises")
+    cell = ["# requires: model, part4\n", "print('ran')\n"]
+    with use_impl("exercises"):
+        out = printed(skip_if_missing(cell))
+        assert out.startswith("skipped (missing: part4): Part 4 (scheduler) still has stubs: ")
+        assert "Scheduler.schedule" in out and "rerun this cell" in out
+    with use_impl("solutions"):
+        assert printed(skip_if_missing(cell)) == "ran\n"
+    with pytest.raises(ValueError, match="part1 .. part9"):
+        skip_if_missing(["# requires: part12\n", "pass\n"])
+    with pytest.raises(ValueError, match="allowed: model, vllm, cuda"):
+        missing_requirements(["part4"])  # $SERVINGLAB_WITHOUT and missing_requirements name machine needs only
