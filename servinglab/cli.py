@@ -116,6 +116,8 @@ DELEGATED: tuple[tuple[str, str, str, str, str, str], ...] = (
      "servinglab.bench.quant", "add_bench_quant_arguments", "main_bench_quant"),
     ("bench", "router", "routing policies x workloads over 3 servers behind the router (Part 7)",
      "servinglab.bench.router", "add_bench_router_arguments", "main_from_args"),
+    ("bench", "faults", "streaming load through the router with one backend killed and one frozen: every client ends complete or told",
+     "servinglab.bench.router_faults", "add_bench_faults_arguments", "main_from_args"),
     ("bench", "serve", "online serving benchmark against OpenAI-compatible servers (like vLLM's benchmark_serving)",
      "servinglab.bench.serve", "add_bench_serve_arguments", "main_from_args"),
     ("bench", "tp", "tensor parallelism: TP=1 vs TP=k tokens/s, per-rank memory, time in collectives",

@@ -8,17 +8,16 @@ process (a process a test can kill or freeze). Both start in seconds and need no
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 import uvicorn
 
+from servinglab.bench.router_faults import read_stream, total
+from servinglab.bench.router_faults import wait_idle as idle_within
 from servinglab.bench.servers import ServerProcess, free_port, lab_server_command
 from servinglab.engine.async_engine import SimpleContinuousBatching
 from servinglab.engine.config import EngineConfig
@@ -28,6 +27,7 @@ from servinglab.model.weights import random_model
 from servinglab.serving.server import create_app
 from servinglab.serving.streaming import ServerState
 
+__all__ = ["InProcessServer", "completion", "metric", "read_stream", "tiny_backend", "tiny_state", "wait_idle"]
 NAME = "tiny"
 ENV = {"SERVINGLAB_IMPL": "solutions", "OMP_NUM_THREADS": "1"}
 
@@ -75,72 +75,14 @@ def tiny_backend(model_dir: Path, name: str = "backend", max_num_seqs: int = 8) 
 
 def metric(base_url: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
-    total = 0.0
-    for line in httpx.get(f"{base_url}/metrics", timeout=30).text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
-        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
+    return total(base_url, name, **labels)
 
 
 def wait_idle(base_url: str, timeout: float = 30.0) -> None:
     """Until nothing runs or waits and no KV block is held."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(metric(base_url, n) == 0 for n in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{base_url} did not go idle within {timeout} s: requests or KV blocks left over")
+    assert idle_within(base_url, timeout), f"{base_url} did not go idle within {timeout} s: requests or KV blocks left over"
 
 
 def completion(prompt: str, max_tokens: int, stream: bool = True, **extra: Any) -> dict[str, Any]:
     """A completion body for the tiny model (EOS ignored, so it runs to max_tokens)."""
     return {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream, **extra}
-
-
-class StreamRecord:
-    """What one SSE client saw: text chunks, finish reasons, error events, whether [DONE] came."""
-
-    def __init__(self) -> None:
-        self.status, self.chunks, self.finish, self.errors, self.done, self.transport = 0, 0, [], [], False, ""
-
-    @property
-    def complete(self) -> bool:
-        return self.status == 200 and self.done and bool(self.finish) and not self.errors
-
-    @property
-    def explicit_error(self) -> bool:
-        return bool(self.errors) or (self.status >= 400 and not self.transport)
-
-    def feed(self, line: str) -> None:
-        if not line.startswith("data:"):
-            return
-        data = line[5:].strip()
-        if data == "[DONE]":
-            self.done = True
-            return
-        event = json.loads(data)
-        if "error" in event:
-            self.errors.append(event["error"])
-            return
-        self.chunks += 1
-        self.finish += [c["finish_reason"] for c in event["choices"] if c.get("finish_reason")]
-
-
-async def read_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], started: Any = None) -> StreamRecord:
-    """POST ``body`` with streaming and record what arrives; ``started`` (an event) is set at the first chunk."""
-    rec = StreamRecord()
-    try:
-        async with client.stream("POST", url, json=body) as resp:
-            rec.status = resp.status_code
-            if resp.status_code != 200:
-                await resp.aread()
-                rec.errors.append(resp.json().get("error"))
-                return rec
-            async for line in resp.aiter_lines():
-                rec.feed(line)
-                if started is not None and rec.chunks:
-                    started.set()
-    except httpx.HTTPError as exc:
-        rec.transport = f"{type(exc).__name__}: {exc}"
-    return rec
