@@ -173,7 +173,7 @@ def run_fault_load(clients: int = 120, max_tokens: int = 256, kill_after: int | 
         cmd = lambda port: lab_server_command(folder, port, MODEL_NAME, dtype="float32", max_model_len=2048,  # noqa: E731
                                               max_num_seqs=max_num_seqs, extra=("--num-kv-blocks", "4096"))
         env = {"OMP_NUM_THREADS": "1", "SERVINGLAB_IMPL": os.environ.get("SERVINGLAB_IMPL", "solutions")}
-        backends = [ServerProcess(cmd, env=env, startup_timeout=180, name=f"faults-backend-{i}") for i in range(3)]
+        backends = [ServerProcess(cmd, env=env, startup_timeout=300, name=f"faults-backend-{i}") for i in range(3)]
         router = None
         try:
             start(backends)

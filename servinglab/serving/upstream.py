@@ -44,20 +44,22 @@ class ProxiedResponse(StreamingResponse):
         self.status = "499"  # until the body ends: a client that leaves first is counted as 499
         sse = (upstream.headers.get("content-type") or "").startswith("text/event-stream")
 
+        async def chained():
+            if first:
+                yield first
+            async for chunk in chunks:
+                yield chunk
+
         async def body():
-            pending = first
+            pending = b""
             try:
-                if not sse and first:
-                    yield first
-                    pending = b""
-                async for chunk in chunks:
-                    if not sse:
+                async for chunk in chained():
+                    if sse:  # pass on whole events only; keep the rest of the last one
+                        pending += chunk
+                        cut = complete_events(pending)
+                        chunk, pending = pending[:cut], pending[cut:]
+                    if chunk:
                         yield chunk
-                        continue
-                    pending += chunk
-                    if cut := complete_events(pending):
-                        yield pending[:cut]
-                        pending = pending[cut:]
             except httpx.TransportError as exc:  # died or went silent mid-stream: out of the pool, and tell the client
                 state.balancer.report_failure(url)
                 timed_out = isinstance(exc, httpx.TimeoutException)

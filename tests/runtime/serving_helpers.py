@@ -70,7 +70,7 @@ def tiny_backend(model_dir: Path, name: str = "backend", max_num_seqs: int = 8) 
     """``servinglab serve`` on the tiny folder in a child process (started on enter)."""
     cmd = lambda port: lab_server_command(str(model_dir), port, NAME, dtype="float32", max_model_len=2048,  # noqa: E731
                                           max_num_seqs=max_num_seqs, extra=("--num-kv-blocks", "1024"))
-    return ServerProcess(cmd, env=ENV, startup_timeout=120, name=name)
+    return ServerProcess(cmd, env=ENV, startup_timeout=300, name=name)
 
 
 def metric(base_url: str, name: str, **labels: str) -> float:
