@@ -163,7 +163,8 @@ async def drive(router: str, victims: list[ServerProcess], clients: int, max_tok
 
 
 def run_fault_load(clients: int = 120, max_tokens: int = 256, kill_after: int | None = None, read_timeout: float = 3.0,
-                   policy: str = "least_outstanding", model_dir: str | None = None, max_num_seqs: int = 16) -> FaultReport:
+                   policy: str = "least_outstanding", model_dir: str | None = None, max_num_seqs: int = 16,
+                   health_interval: float = 1.0) -> FaultReport:
     """Three backends behind a router; kill one and freeze one under ``clients`` streams; report."""
     from servinglab.model.random_folder import write_random_model
 
@@ -178,7 +179,7 @@ def run_fault_load(clients: int = 120, max_tokens: int = 256, kill_after: int | 
         try:
             start(backends)
             urls = [b.base_url for b in backends]
-            options = ("--health-interval", "0.5", "--read-timeout", str(read_timeout), "--cooldown", "1")
+            options = ("--health-interval", str(health_interval), "--read-timeout", str(read_timeout), "--cooldown", "1")
             router = ServerProcess(lambda port: router_command(urls, port, policy, *options), env=env, startup_timeout=60, name="faults-router")
             router.__enter__()
             records, info = asyncio.run(drive(router.base_url, backends[:2], clients, max_tokens, kill_after))

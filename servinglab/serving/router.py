@@ -7,8 +7,8 @@ backend's answer (SSE chunks included) is passed through byte for byte with http
 
 Failover follows one rule: **retry only before the first byte reached the client.** The
 router reads the backend's first body chunk before it answers; if the connection fails
-before that (refused, reset, the backend died mid-prefill, no byte within ``--read-timeout``),
-it marks the backend failed and tries another, so nothing the client saw is ever repeated.
+before that (refused, reset, the backend died mid-prefill, or it left the pool: a frozen
+backend fails its health probes), it marks the backend failed and tries another, so nothing the client saw is ever repeated.
 After the first byte the router is committed: a backend that dies or stays silent past the
 read timeout mid-stream ends that stream with an OpenAI-style SSE error event and no
 ``[DONE]`` (the client is told, never handed a spliced or silently truncated answer), and
@@ -46,7 +46,7 @@ from servinglab.serving.router_state import RouterState, make_balancer, no_backe
 from servinglab.serving.upstream import ProxiedResponse, open_upstream, settle, while_connected
 
 FORWARDED_HEADERS = ("authorization", "accept")
-DEFAULT_READ_TIMEOUT_S = 300.0
+DEFAULT_READ_TIMEOUT_S = 60.0
 
 
 def routing_key(body: dict[str, Any]) -> str | list[int] | None:
@@ -89,7 +89,7 @@ async def proxy(state: RouterState, request: Request, path: str) -> Response:
         lb.start_request(url)
         opened: dict[str, Any] = {}
         try:
-            first = await while_connected(request, open_upstream(state, url + path, raw, headers, opened))
+            first = await while_connected(request, open_upstream(state, url + path, raw, headers, opened), lb.backend(url))
         except httpx.TransportError:  # nothing has reached the client: another backend may serve it
             await settle(state, url, opened.get("upstream"))
             lb.report_failure(url)
@@ -171,8 +171,8 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recovery-successes", type=int, default=2, help="good probes in a row that bring a backend back")
     p.add_argument("--cooldown", type=float, default=5.0, help="seconds an open circuit ignores good probes")
     p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S,
-                   help="seconds without a byte from a backend before its request fails (a frozen backend's streams end "
-                        "with an error event); it also bounds how long a non-streaming answer may take")
+                   help="seconds without a byte from a backend, once its response has begun, before the stream ends with an "
+                        "error event (a frozen backend); before the first byte a request waits while its backend stays in the pool")
     p.add_argument("--cache-threshold", type=float, default=0.3)
     p.add_argument("--balance-abs-threshold", type=int, default=64)
     p.add_argument("--balance-rel-threshold", type=float, default=1.5)

@@ -83,15 +83,14 @@ class RouterState:
     balancer: Any
     health_interval: float = 1.0
     max_body_bytes: int = 1 << 20
-    read_timeout: float = 300.0  # seconds without a byte from a backend (httpx's read timeout)
-    client: httpx.AsyncClient = field(init=False)
+    read_timeout: float = 60.0  # seconds without a byte mid-stream before the stream ends (servinglab.serving.upstream)
+    client: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(
+        timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200)))
     metrics: RouterMetrics = field(init=False)
     probes: int = 0  # health-check rounds done (tests wait on it instead of sleeping blindly)
 
     def __post_init__(self) -> None:
         self.metrics = RouterMetrics([b.url for b in self.balancer.instances])
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0, read=self.read_timeout),
-                                        limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200))
 
     async def backend_series(self) -> bytes:
         """Every healthy backend's engine series (``vllm:*``), labelled by backend, in the text format."""

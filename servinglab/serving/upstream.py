@@ -1,5 +1,9 @@
 """One backend response on its way through the router: passed on, ended with an error event if
-the backend fails mid-stream, and accounted for exactly once however it ends.
+the backend fails or stays silent mid-stream, and accounted for exactly once however it ends.
+
+Two clocks, on purpose: before the first byte a request may wait as long as its backend
+stays in the pool (a busy backend queues it; a frozen one fails its health probes and the
+request moves); after it, ``read_timeout`` seconds without a byte end the stream.
 
 Used by :mod:`servinglab.serving.router` (the routes and the failover loop live there).
 """
@@ -47,7 +51,13 @@ class ProxiedResponse(StreamingResponse):
         async def chained():
             if first:
                 yield first
-            async for chunk in chunks:
+            while True:  # the read timeout counts from here: a queued request may wait long for its first byte
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks, b""), state.read_timeout)
+                except TimeoutError:
+                    raise httpx.ReadTimeout(f"no data for {state.read_timeout:g} s") from None
+                if not chunk:
+                    return
                 yield chunk
 
         async def body():
@@ -110,9 +120,15 @@ async def open_upstream(state: RouterState, url: str, raw: bytes, headers: dict[
     return await anext(opened["chunks"], b"")
 
 
-async def while_connected(request: Request, work: Any) -> Any:
-    """Await ``work`` (a coroutine) unless the client goes away first: then cancel it and return
-    ``None``. Checked about twice a second, as the lab server does for non-streaming requests."""
+class BackendLeftPool(httpx.TransportError):
+    """The backend left the pool (its health probes failed) before sending a byte: try another."""
+
+
+async def while_connected(request: Request, work: Any, backend: Any) -> Any:
+    """Await ``work`` (a coroutine) unless the client goes away first (then cancel it and return
+    ``None``) or ``backend`` leaves the pool (then raise :class:`BackendLeftPool`: a frozen
+    backend's queued requests move elsewhere). Checked about twice a second, as the lab server
+    does for non-streaming requests."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -121,6 +137,8 @@ async def while_connected(request: Request, work: Any) -> Any:
                 return task.result()
             if await request.is_disconnected():
                 return None
+            if not backend.healthy:
+                raise BackendLeftPool(f"{backend.url} left the pool before its first byte")
     finally:
         if not task.done():
             task.cancel()
