@@ -162,7 +162,7 @@ async def drive(router: str, victims: list[ServerProcess], clients: int, max_tok
         return await asyncio.gather(*tasks), {"aborts_before": before}
 
 
-def run_fault_load(clients: int = 120, max_tokens: int = 256, kill_after: int | None = None, read_timeout: float = 3.0,
+def run_fault_load(clients: int = 120, max_tokens: int = 256, kill_after: int | None = None, read_timeout: float = 10.0,
                    policy: str = "least_outstanding", model_dir: str | None = None, max_num_seqs: int = 16,
                    health_interval: float = 1.0) -> FaultReport:
     """Three backends behind a router; kill one and freeze one under ``clients`` streams; report."""
@@ -208,7 +208,7 @@ def add_bench_faults_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=120, help="streaming clients, all started at once")
     p.add_argument("--max-tokens", type=int, default=256, help="output tokens per stream")
     p.add_argument("--kill-after", type=int, default=None, help="streams that must have started before the faults (default clients / 4)")
-    p.add_argument("--read-timeout", type=float, default=3.0, help="the router's --read-timeout")
+    p.add_argument("--read-timeout", type=float, default=10.0, help="the router's --read-timeout (short, so the frozen backend shows quickly)")
     p.add_argument("--policy", default="least_outstanding")
     p.add_argument("--model", default=None, help="model folder (default: a tiny random model written to a temporary folder)")
 
