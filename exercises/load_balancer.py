@@ -12,7 +12,8 @@ Policies, chosen by name (``POLICIES``):
 
 * ``round_robin``: the next healthy backend in a fixed cycle.
 * ``least_outstanding``: the fewest requests in flight (the seed's "least loaded",
-  counted by the router itself; Envoy's LEAST_REQUEST counts the same way).
+  counted by the router itself; Envoy's LEAST_REQUEST counts the same way); a tie goes
+  to the backend started least recently, so idle backends take turns.
 * ``power_of_two``: two random healthy backends, the less loaded wins (Azar et al.,
   STOC 1994; Mitzenmacher, IEEE TPDS 2001): the maximum load falls from about
   ln n / ln ln n (one random choice) to ln ln n / ln 2, with no global scan.
@@ -52,6 +53,7 @@ class Backend:
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     last_failure: float = 0.0
+    last_started: int = 0  # when start_request last ran for it (the balancer's count of starts; 0: never)
 
     @property
     def healthy(self) -> bool:
@@ -109,6 +111,7 @@ class LLMLoadBalancer:
         self.trees = {u: PrefixTree() for u in urls}
         self._by_url = {b.url: b for b in self.instances}
         self._next = 0  # round robin: index to try first
+        self._starts = 0  # start_request calls so far (stamps Backend.last_started)
         self._stamp = 0  # logical clock of tree inserts
 
     def backend(self, url: str) -> Backend:
@@ -131,8 +134,11 @@ class LLMLoadBalancer:
         # The pool: healthy backends not in `exclude`, in instance order. Then dispatch:
         # round_robin, power_of_two and cache_aware to their methods below (given the pool);
         # least_outstanding: the pool's backend with the fewest outstanding requests (its
-        # `load`), the first in instance order on a tie. One scan, and exact: the router
-        # counts every request it starts and finishes (Envoy's LEAST_REQUEST samples two instead).
+        # `load`); on a tie the one whose `last_started` is oldest (never started counts as
+        # oldest), then the first in instance order. Without that rule, traffic that never
+        # overlaps (every load 0 at each pick) would all go to the first backend. One scan,
+        # and exact: the router counts every request it starts and finishes (Envoy's
+        # LEAST_REQUEST samples two instead).
         raise NotImplementedError("select_instance: your code here")
 
     # round_robin: walk the instance list cyclically from the one after the last pick and
@@ -153,14 +159,17 @@ class LLMLoadBalancer:
     # replica that is drowning. 2. Otherwise match the prompt against every pool backend's
     # tree; the best match (first in order on a tie) wins if matched / len(prompt) >
     # cache_threshold (its KV cache probably still holds that prefix). 3. Otherwise take the
-    # backend with the smallest tree (most room for new prefixes; first on a tie). In every
-    # case insert the prompt into the chosen backend's tree with the next stamp and evict
+    # least loaded backend, and among equally loaded ones the smallest tree (most room for
+    # new prefixes; first in order on a tie). SGLang takes the smallest tree alone; but a
+    # backend that just came back has an empty tree, and would then get every new prompt
+    # until its tree caught up with the others', however busy it became. In every case insert the prompt into the chosen backend's tree with the next stamp and evict
     # it down to max_tree_size. An empty or missing prompt matches nothing (rate 0).
     def _cache_aware(self, pool: list[Backend], prompt: Prompt | None) -> Backend:
         raise NotImplementedError("_cache_aware: your code here")
 
     def start_request(self, url: str) -> None:
-        """A request was sent to ``url``: its load grows by one (``KeyError`` if unknown)."""
+        """A request was sent to ``url``: its load grows by one and ``last_started`` becomes the
+        number of starts so far, this one included (``KeyError`` if unknown)."""
         raise NotImplementedError("start_request: your code here")
 
     def finish_request(self, url: str) -> None:

@@ -100,8 +100,9 @@ def _bench_spec(args: argparse.Namespace) -> int:
 
 
 # Commands whose options and entry point live with their code: (group, name, help, module,
-# the module's add-arguments function, its run function). The parser imports each module
-# to read its options, so the run function is taken from the same module.
+# the module's add-arguments function, its run function). A module is imported only when
+# its command is the one asked for (its options and its run function come from it then):
+# `servinglab --help` lists the commands without importing torch or transformers.
 DELEGATED: tuple[tuple[str, str, str, str, str, str], ...] = (
     ("sub", "serve", "OpenAI-compatible HTTP server over the lab engine (like `vllm serve`)",
      "servinglab.serving.server", "add_serve_arguments", "serve"),
@@ -115,6 +116,8 @@ DELEGATED: tuple[tuple[str, str, str, str, str, str], ...] = (
      "servinglab.bench.quant", "add_bench_quant_arguments", "main_bench_quant"),
     ("bench", "router", "routing policies x workloads over 3 servers behind the router (Part 7)",
      "servinglab.bench.router", "add_bench_router_arguments", "main_from_args"),
+    ("bench", "faults", "streaming load through the router with one backend killed and one frozen: every client ends complete or told",
+     "servinglab.bench.router_faults", "add_bench_faults_arguments", "main_from_args"),
     ("bench", "serve", "online serving benchmark against OpenAI-compatible servers (like vLLM's benchmark_serving)",
      "servinglab.bench.serve", "add_bench_serve_arguments", "main_from_args"),
     ("bench", "tp", "tensor parallelism: TP=1 vs TP=k tokens/s, per-rank memory, time in collectives",
@@ -122,7 +125,15 @@ DELEGATED: tuple[tuple[str, str, str, str, str, str], ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested(argv: list[str]) -> tuple[str, ...]:
+    """The command words of ``argv`` (``("serve",)``, ``("bench", "quant")``), options skipped."""
+    words = [a for a in argv if not a.startswith("-")]
+    return tuple(words[:2]) if words[:1] == ["bench"] else tuple(words[:1])
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; delegated commands get their options only when ``argv`` names them."""
+    wanted = requested(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="servinglab", description="LLM serving lab: runtime, grading and benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -208,23 +219,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     groups = {"sub": sub, "bench": bench}
     for group, name, help_text, module_name, add_arguments, run in DELEGATED:
-        module = importlib.import_module(module_name)
         p = groups[group].add_parser(name, help=help_text)
-        getattr(module, add_arguments)(p)
-        p.set_defaults(fn=getattr(module, run))
+        if wanted == ((name,) if group == "sub" else ("bench", name)):
+            module = importlib.import_module(module_name)
+            getattr(module, add_arguments)(p)
+            p.set_defaults(fn=getattr(module, run))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Triton reads TRITON_INTERPRET when first imported (the parser's imports pull it in):
-    # without CUDA, Triton kernels (Part 3b in `servinglab grade`) run through its interpreter.
-    import torch
+    argv = sys.argv[1:] if argv is None else argv
+    if requested(argv) and not {"-h", "--help"} & set(argv):
+        # Triton reads TRITON_INTERPRET when first imported (a command's imports may pull it in):
+        # without CUDA, Triton kernels (Part 3b in `servinglab grade`) run through its interpreter.
+        # Help needs neither, so it does not pay for importing torch.
+        import torch
 
-    if not torch.cuda.is_available():
-        import os
+        if not torch.cuda.is_available():
+            import os
 
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    args = build_parser().parse_args(argv)
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    args = build_parser(argv).parse_args(argv)
     return args.fn(args)
 
 

@@ -10,7 +10,8 @@ Policies, chosen by name (``POLICIES``):
 
 * ``round_robin``: the next healthy backend in a fixed cycle.
 * ``least_outstanding``: the fewest requests in flight (the seed's "least loaded",
-  counted by the router itself; Envoy's LEAST_REQUEST counts the same way).
+  counted by the router itself; Envoy's LEAST_REQUEST counts the same way); a tie goes
+  to the backend started least recently, so idle backends take turns.
 * ``power_of_two``: two random healthy backends, the less loaded wins (Azar et al.,
   STOC 1994; Mitzenmacher, IEEE TPDS 2001): the maximum load falls from about
   ln n / ln ln n (one random choice) to ln ln n / ln 2, with no global scan.
@@ -50,6 +51,7 @@ class Backend:
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     last_failure: float = 0.0
+    last_started: int = 0  # when start_request last ran for it (the balancer's count of starts; 0: never)
 
     @property
     def healthy(self) -> bool:
@@ -107,6 +109,7 @@ class LLMLoadBalancer:
         self.trees = {u: PrefixTree() for u in urls}
         self._by_url = {b.url: b for b in self.instances}
         self._next = 0  # round robin: index to try first
+        self._starts = 0  # start_request calls so far (stamps Backend.last_started)
         self._stamp = 0  # logical clock of tree inserts
 
     def backend(self, url: str) -> Backend:
@@ -129,8 +132,11 @@ class LLMLoadBalancer:
         # The pool: healthy backends not in `exclude`, in instance order. Then dispatch:
         # round_robin, power_of_two and cache_aware to their methods below (given the pool);
         # least_outstanding: the pool's backend with the fewest outstanding requests (its
-        # `load`), the first in instance order on a tie. One scan, and exact: the router
-        # counts every request it starts and finishes (Envoy's LEAST_REQUEST samples two instead).
+        # `load`); on a tie the one whose `last_started` is oldest (never started counts as
+        # oldest), then the first in instance order. Without that rule, traffic that never
+        # overlaps (every load 0 at each pick) would all go to the first backend. One scan,
+        # and exact: the router counts every request it starts and finishes (Envoy's
+        # LEAST_REQUEST samples two instead).
         ### BEGIN SOLUTION
         pool = [b for b in self.instances if b.healthy and b.url not in exclude]
         if not pool:
@@ -138,7 +144,7 @@ class LLMLoadBalancer:
         if self.policy == "round_robin":
             return self._round_robin(pool)
         if self.policy == "least_outstanding":
-            return min(pool, key=lambda b: b.load)
+            return min(pool, key=lambda b: (b.load, b.last_started))
         if self.policy == "power_of_two":
             return self._power_of_two(pool)
         return self._cache_aware(pool, prompt)
@@ -175,8 +181,10 @@ class LLMLoadBalancer:
     # replica that is drowning. 2. Otherwise match the prompt against every pool backend's
     # tree; the best match (first in order on a tie) wins if matched / len(prompt) >
     # cache_threshold (its KV cache probably still holds that prefix). 3. Otherwise take the
-    # backend with the smallest tree (most room for new prefixes; first on a tie). In every
-    # case insert the prompt into the chosen backend's tree with the next stamp and evict
+    # least loaded backend, and among equally loaded ones the smallest tree (most room for
+    # new prefixes; first in order on a tie). SGLang takes the smallest tree alone; but a
+    # backend that just came back has an empty tree, and would then get every new prompt
+    # until its tree caught up with the others', however busy it became. In every case insert the prompt into the chosen backend's tree with the next stamp and evict
     # it down to max_tree_size. An empty or missing prompt matches nothing (rate 0).
     def _cache_aware(self, pool: list[Backend], prompt: Prompt | None) -> Backend:
         ### BEGIN SOLUTION
@@ -191,7 +199,7 @@ class LLMLoadBalancer:
             if key and matched[best] / len(key) > self.cache_threshold:
                 chosen = pool[best]
             else:
-                chosen = min(pool, key=lambda b: self.trees[b.url].size)
+                chosen = min(pool, key=lambda b: (b.load, self.trees[b.url].size))
         self._stamp += 1
         tree = self.trees[chosen.url]
         tree.insert(key, self._stamp)
@@ -200,9 +208,12 @@ class LLMLoadBalancer:
         ### END SOLUTION
 
     def start_request(self, url: str) -> None:
-        """A request was sent to ``url``: its load grows by one (``KeyError`` if unknown)."""
+        """A request was sent to ``url``: its load grows by one and ``last_started`` becomes the
+        number of starts so far, this one included (``KeyError`` if unknown)."""
         ### BEGIN SOLUTION
-        self.backend(url).load += 1
+        b = self.backend(url)
+        self._starts += 1
+        b.load, b.last_started = b.load + 1, self._starts
         ### END SOLUTION
 
     def finish_request(self, url: str) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-# config.json of each model (REFERENCE.md); speed does not depend on the weights' values.
+# config.json of each model (docs/references.md section 1); speed does not depend on the weights' values.
 RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                          intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),

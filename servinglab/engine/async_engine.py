@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from servinglab.engine.engine import LLMEngine
-from servinglab.engine.outputs import RequestOutput
+from servinglab.engine.outputs import EngineDeadError, RequestOutput
 from servinglab.engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class SimpleContinuousBatching:
@@ -31,6 +34,8 @@ class SimpleContinuousBatching:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        engine.isolate_failures = True  # one request's failure must not end its neighbours' streams
+        self.dead: BaseException | None = None  # why the background loop stopped, once it has
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -44,9 +49,12 @@ class SimpleContinuousBatching:
     async def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield a snapshot after every step that advances it.
 
-        Raises ``ValueError`` (before yielding) for a request the engine rejects. Closing
-        the iterator early (a client that disconnects) aborts the request and frees its blocks.
+        Raises ``ValueError`` (before yielding) for a request the engine rejects and
+        :class:`EngineDeadError` once the loop has died. Closing the iterator early (a client
+        that disconnects) aborts the request and frees its blocks.
         """
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine loop has stopped: {type(self.dead).__name__}: {self.dead}")
         async with self._lock:
             rid = self.engine.add_request(prompt, params, request_id=request_id, stream=True)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -81,6 +89,11 @@ class SimpleContinuousBatching:
             queue = self._queues.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
+        failed, self.engine.failed = self.engine.failed, {}
+        for rid, exc in failed.items():  # attributed to one request: only its stream ends
+            logger.error("request %s failed and was aborted; other requests continue: %s: %s", rid, type(exc).__name__, exc)
+            if (queue := self._queues.get(rid)) is not None:
+                queue.put_nowait(exc)
         return len(outputs)
 
     def _ensure_loop(self) -> None:
@@ -88,6 +101,19 @@ class SimpleContinuousBatching:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        try:
+            await self._serve_forever()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the loop cannot go on: every stream ends, /health says 503
+            self.dead = exc
+            logger.critical("the engine loop died: %s: %s", type(exc).__name__, exc)
+            for queue in self._queues.values():
+                queue.put_nowait(EngineDeadError(f"the engine loop died: {type(exc).__name__}: {exc}"))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _serve_forever(self) -> None:
         while True:
             if not self.engine.has_unfinished_requests():
                 self._wakeup.clear()
@@ -95,7 +121,8 @@ class SimpleContinuousBatching:
                 continue
             try:
                 await self.process_batch()
-            except Exception as exc:  # deliver the failure to every waiting stream, keep serving
+            except Exception as exc:  # not attributable to one request: every waiting stream gets it
+                logger.error("engine step failed; aborting its %d requests: %s: %s", len(self._queues), type(exc).__name__, exc)
                 for queue in self._queues.values():
                     queue.put_nowait(exc)
                 async with self._lock:

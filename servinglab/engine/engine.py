@@ -23,7 +23,7 @@ from servinglab.engine.output_processor import OutputProcessor
 from servinglab.engine.outputs import RequestMetrics, RequestOutput
 from servinglab.engine.stall import raise_if_stalled
 from servinglab.engine.cuda_runner import make_runner
-from servinglab.engine.sampling import SamplingParams, make_generator, sample
+from servinglab.engine.sampling import SamplingParams, make_generator, sample, sample_each
 from servinglab.sequence import Sequence, SequenceStatus
 
 
@@ -132,6 +132,8 @@ class LLMEngine:
         self.step_log: list[StepRecord] = []
         self.record_steps = False
         self.num_steps = 0
+        # Servers set it: a failure of one request's own sampling or forks aborts that request alone (kept in `failed`).
+        self.isolate_failures, self.failed = False, {}
 
     # ---------------------------------------------------------------- requests
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -227,19 +229,24 @@ class LLMEngine:
             self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
         now = time.perf_counter()
         touched: dict[str, RequestState] = {}
-        params = [s.sampling_params for s in seqs]
-        gens = [self.generator_of(s) for s in seqs]
-        tokens = sample(logits, params, gens)
+        tokens = (sample_each if self.isolate_failures else sample)(logits, [s.sampling_params for s in seqs], [self.generator_of(s) for s in seqs])
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
-            req = self._seq_to_request[seq.seq_id]
-            touched[req.request_id] = req
-            self.append_token(req, seq, token, now)
-            if len(req.seqs) < req.params.n and seq is req.seqs[0]:
-                self.fork_children(req, seq, logits[row : row + 1], now)
+            if (req := self._seq_to_request.get(seq.seq_id)) is None:
+                continue  # its request failed earlier in this step
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                touched[req.request_id] = req
+                self.append_token(req, seq, token, now)
+                if len(req.seqs) < req.params.n and seq is req.seqs[0]:
+                    self.fork_children(req, seq, logits[row : row + 1], now)
+            except (Exception if self.isolate_failures else ()) as exc:  # () catches nothing: offline, it raises
+                self.abort_request(req.request_id)
+                self.failed[req.request_id] = exc
         self.num_steps += 1
         if self.record_steps:
             self.log_step(start, out, was_prefill)
-        return [self.request_output(req) for req in touched.values() if req.stream or req.finished]
+        return [self.request_output(req) for req in touched.values() if (req.stream or req.finished) and req.request_id not in self.failed]
 
     def log_step(self, start: float, out: SchedulerOutput, was_prefill: list[bool]) -> None:
         """Append this step's :class:`StepRecord` to ``step_log``."""

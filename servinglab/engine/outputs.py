@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class EngineDeadError(RuntimeError):
+    """The engine's background loop has died: no request can make progress (vLLM's ``EngineDeadError``)."""
+
+
 @dataclass
 class RequestMetrics:
     """Timestamps of one request (``time.perf_counter()`` seconds, like vLLM's ``RequestMetrics``)."""

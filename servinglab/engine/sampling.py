@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 _GREEDY_EPS = 1e-5  # vLLM treats temperatures below this as greedy
+# vLLM's seed range: a signed 64-bit integer (torch.iinfo(torch.long)). Completion i of a
+# request seeds its generator with seed + i, which stays inside what manual_seed accepts.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -67,8 +70,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -119,3 +122,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         probs = probabilities(logits[i], p)
         tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return tokens
+
+
+def sample_each(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int | Exception]:
+    """:func:`sample`, but a row whose draw raises gets its exception instead of failing the batch.
+
+    Rows are drawn one by one only after a batched draw failed (rare): seeded rows of that
+    one step may then draw differently from a failure-free run.
+    """
+    try:
+        return list(sample(logits, params, generators))
+    except Exception:
+        pass
+    rows: list[int | Exception] = []
+    for i in range(logits.shape[0]):
+        try:
+            rows.append(sample(logits[i : i + 1], params[i : i + 1], generators[i : i + 1])[0])
+        except Exception as exc:
+            rows.append(exc)
+    return rows

@@ -7,14 +7,22 @@ backend's answer (SSE chunks included) is passed through byte for byte with http
 
 Failover follows one rule: **retry only before the first byte reached the client.** The
 router reads the backend's first body chunk before it answers; if the connection fails
-before that (refused, reset, the backend died mid-prefill), it marks the backend failed
-and tries another, so nothing the client saw is ever repeated. After the first byte the
-router is committed: a backend dying mid-stream cuts that stream (the client sees an
-incomplete response, never a spliced one).
+before that (refused, reset, the backend died mid-prefill, or it left the pool: a frozen
+backend fails its health probes), it marks the backend failed and tries another, so nothing the client saw is ever repeated.
+After the first byte the router is committed: a backend that dies or stays silent past the
+read timeout mid-stream ends that stream with an OpenAI-style SSE error event and no
+``[DONE]`` (the client is told, never handed a spliced or silently truncated answer), and
+the request is counted under status 502 (died) or 504 (timed out), never 200.
+
+A client that goes away is never served for nobody: while the router waits for a
+non-streaming answer it checks for the disconnect about twice a second and closes the
+backend connection, which makes the backend abort the request.
 
 Also served: ``GET /health`` (200 while any backend is in the pool, 503 otherwise, with
 each backend's state), ``GET /metrics`` (the router's own Prometheus series, see
-``router_state.ROUTER_METRICS``) and ``GET /v1/models`` (from the first healthy backend).
+``router_state.ROUTER_METRICS``, then every healthy backend's ``vllm:*`` series with a
+``backend`` label, as production-stack's router re-exports engine stats) and
+``GET /v1/models`` (from the first healthy backend).
 Errors the router raises itself use the lab server's OpenAI error body
 (``protocol.APIError``); a backend's own 4xx answers pass through unchanged.
 """
@@ -31,12 +39,14 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from servinglab.serving import protocol as P
 from servinglab.serving.router_state import RouterState, make_balancer, no_backend_error
+from servinglab.serving.upstream import ProxiedResponse, open_upstream, settle, while_connected
 
 FORWARDED_HEADERS = ("authorization", "accept")
+DEFAULT_READ_TIMEOUT_S = 60.0
 
 
 def routing_key(body: dict[str, Any]) -> str | list[int] | None:
@@ -61,45 +71,6 @@ def routing_key(body: dict[str, Any]) -> str | list[int] | None:
     return None
 
 
-class ProxiedResponse(StreamingResponse):
-    """A streamed backend response whose accounting is settled exactly once, however it ends
-    (finished, backend died, client went away before or during the body)."""
-
-    def __init__(self, state: RouterState, url: str, upstream: httpx.Response, chunks: Any, first: bytes) -> None:
-        self.state, self.url, self.upstream, self.settled = state, url, upstream, False
-
-        async def body():
-            if first:
-                yield first
-            try:
-                async for chunk in chunks:
-                    yield chunk
-            except httpx.TransportError:  # died mid-stream: out of the pool, and cut this stream
-                state.balancer.report_failure(url)
-                raise
-
-        super().__init__(body(), status_code=upstream.status_code, media_type=upstream.headers.get("content-type"))
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await settle(self.state, self.url, self.upstream, self)
-
-
-async def settle(state: RouterState, url: str, upstream: httpx.Response | None, holder: Any = None) -> None:
-    """Give the request's load back (synchronously first: a cancelled task may not get to
-    await anything), then close the backend connection, which aborts its request if unfinished."""
-    if holder is not None:
-        if holder.settled:
-            return
-        holder.settled = True
-    state.balancer.finish_request(url)
-    if upstream is not None:
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await upstream.aclose()
-
-
 async def proxy(state: RouterState, request: Request, path: str) -> Response:
     """Route one request: pick, send, wait for the first byte, retry elsewhere if it never came."""
     payload = await P.read_json(request, state.max_body_bytes)
@@ -116,24 +87,24 @@ async def proxy(state: RouterState, request: Request, path: str) -> Response:
             state.metrics.no_backend.inc()
             raise P.APIError(503, f"no healthy backend to serve this request ({exc})") from None
         lb.start_request(url)
-        upstream = None
+        opened: dict[str, Any] = {}
         try:
-            upstream = await state.client.send(state.client.build_request("POST", url + path, content=raw, headers=headers), stream=True)
-            chunks = upstream.aiter_raw()
-            first = await anext(chunks, b"")
+            first = await while_connected(request, open_upstream(state, url + path, raw, headers, opened), lb.backend(url))
         except httpx.TransportError:  # nothing has reached the client: another backend may serve it
-            await settle(state, url, upstream)
+            await settle(state, url, opened.get("upstream"))
             lb.report_failure(url)
             state.metrics.retries.labels(url).inc()
             excluded.append(url)
             continue
         except BaseException:  # the client went away (cancelled) or a bug: never leak the load
-            await settle(state, url, upstream)
+            await settle(state, url, opened.get("upstream"))
             raise
         break
+    if first is None:  # the client went away while the backend worked: closing the connection aborts it there
+        await settle(state, url, opened.get("upstream"), status="499")
+        return Response(status_code=499)
     state.metrics.ttfb.labels(url).observe(time.perf_counter() - arrival)
-    state.metrics.requests.labels(url, str(upstream.status_code)).inc()
-    return ProxiedResponse(state, url, upstream, chunks, first)
+    return ProxiedResponse(state, url, opened["upstream"], opened["chunks"], first)
 
 
 def create_router_app(state: RouterState) -> FastAPI:
@@ -164,7 +135,8 @@ def create_router_app(state: RouterState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(state.balancer), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = state.metrics.render(state.balancer) + await state.backend_series()
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -198,6 +170,9 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--failure-threshold", type=int, default=3, help="failures in a row that open a backend's circuit")
     p.add_argument("--recovery-successes", type=int, default=2, help="good probes in a row that bring a backend back")
     p.add_argument("--cooldown", type=float, default=5.0, help="seconds an open circuit ignores good probes")
+    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S,
+                   help="seconds without a byte from a backend, once its response has begun, before the stream ends with an "
+                        "error event (a frozen backend); before the first byte a request waits while its backend stays in the pool")
     p.add_argument("--cache-threshold", type=float, default=0.3)
     p.add_argument("--balance-abs-threshold", type=int, default=64)
     p.add_argument("--balance-rel-threshold", type=float, default=1.5)
@@ -212,8 +187,9 @@ def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
     prometheus_client.disable_created_metrics()  # no `*_created` series, as the lab server
-    if args.port < 1 or args.health_interval <= 0:
-        raise SystemExit(f"error: --port must be >= 1 and --health-interval > 0, got {args.port}, {args.health_interval}")
+    if args.port < 1 or args.health_interval <= 0 or args.read_timeout <= 0:
+        raise SystemExit(f"error: --port must be >= 1, --health-interval > 0 and --read-timeout > 0, "
+                         f"got {args.port}, {args.health_interval}, {args.read_timeout}")
     try:
         balancer = make_balancer(args.backend, args.policy, seed=args.seed, cache_threshold=args.cache_threshold,
                                  balance_abs_threshold=args.balance_abs_threshold, balance_rel_threshold=args.balance_rel_threshold,
@@ -221,7 +197,7 @@ def run_router(args: argparse.Namespace) -> int:
                                  recovery_successes=args.recovery_successes, cooldown_s=args.cooldown)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    state = RouterState(balancer, health_interval=args.health_interval)
+    state = RouterState(balancer, health_interval=args.health_interval, read_timeout=args.read_timeout)
     uvicorn.run(create_router_app(state), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -21,11 +21,14 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
     generate_latest,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from servinglab import impl
 
+SCRAPE_TIMEOUT_S = 2.0  # a frozen backend must not hold the router's /metrics for long
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 # The router's own series; the dashboards in deploy/ read these names (a test checks they exist).
 ROUTER_METRICS = ("router_requests_total", "router_retries_total", "router_no_healthy_backend_total",
@@ -55,6 +58,24 @@ class RouterMetrics:
         return generate_latest(self.registry)
 
 
+class BackendSeries:
+    """A collector of families read from the backends' ``/metrics`` (one scrape, relabelled)."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, Metric] = {}
+
+    def add(self, url: str, text: str) -> None:
+        """Keep the ``vllm:*`` families of one backend's exposition, each sample labelled ``backend=url``."""
+        for fam in text_string_to_metric_families(text):
+            if fam.name.startswith("vllm:"):
+                out = self.families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
+                for sample in fam.samples:
+                    out.add_sample(sample.name, {**sample.labels, "backend": url}, sample.value, sample.timestamp)
+
+    def collect(self) -> list[Metric]:
+        return list(self.families.values())
+
+
 @dataclass
 class RouterState:
     """Everything the routes share. ``balancer`` is an ``LLMLoadBalancer`` (Part 7a)."""
@@ -62,6 +83,7 @@ class RouterState:
     balancer: Any
     health_interval: float = 1.0
     max_body_bytes: int = 1 << 20
+    read_timeout: float = 60.0  # seconds without a byte mid-stream before the stream ends (servinglab.serving.upstream)
     client: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(
         timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200)))
     metrics: RouterMetrics = field(init=False)
@@ -69,6 +91,21 @@ class RouterState:
 
     def __post_init__(self) -> None:
         self.metrics = RouterMetrics([b.url for b in self.balancer.instances])
+
+    async def backend_series(self) -> bytes:
+        """Every healthy backend's engine series (``vllm:*``), labelled by backend, in the text format."""
+        async def scrape(url: str) -> tuple[str, str]:
+            try:
+                r = await self.client.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S)
+                return url, r.text if r.status_code == 200 else ""
+            except httpx.HTTPError:
+                return url, ""
+
+        series = BackendSeries()
+        for url, text in await asyncio.gather(*(scrape(b.url) for b in self.balancer.instances if b.healthy)):
+            with contextlib.suppress(ValueError):  # a backend that answers something else is left out
+                series.add(url, text)
+        return generate_latest(series)
 
     @property
     def urls(self) -> list[str]:

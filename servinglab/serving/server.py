@@ -13,11 +13,14 @@ out (``Jobs``, SSE) live in :mod:`servinglab.serving.streaming`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -88,13 +91,35 @@ async def _respond(state: ServerState, request: Request, req: P.SamplingFields, 
     return JSONResponse(P.envelope(rid, kind, req.model, choices, usage=P.usage(n_in, n_out)))
 
 
+def _token_ids(raw: list[str | list[int]], tokenizer, vocab: int) -> list[list[int]]:
+    """Each prompt's token ids (text is tokenized; ids are checked against the vocabulary)."""
+    prompts = [p if isinstance(p, list) else tokenizer(p)["input_ids"] for p in raw]
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise P.APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+    return prompts
+
+
+def _chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template applied, then tokenized (the template already wrote any special tokens)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI application serving ``state.front``."""
+
+    # Tokenizing runs off the event loop (a 1 MB prompt takes about a second, and /health must
+    # answer meanwhile), in its own threads: the default pool also runs the engine's steps.
+    tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
+
+    async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         await state.front.aclose()
+        tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="servinglab OpenAI-compatible server", lifespan=lifespan)
     app.state.serving = state
@@ -107,6 +132,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
+        if (dead := getattr(state.front, "dead", None)) is not None:  # as vLLM: the process is up, its engine is not
+            return JSONResponse(P.APIError(503, f"the engine loop has died: {dead!r}").body(), status_code=503)
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -125,10 +152,7 @@ def create_app(state: ServerState) -> FastAPI:
         raw = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) else [req.prompt]
         if not raw:
             raise P.APIError(400, "prompt must not be empty", "prompt")
-        prompts = [p if isinstance(p, list) else tokenizer(p)["input_ids"] for p in raw]
-        vocab = state.engine.hf_config.vocab_size
-        if any(not 0 <= t < vocab for p in prompts for t in p):
-            raise P.APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+        prompts = await off_loop(_token_ids, raw, tokenizer, state.engine.hf_config.vocab_size)
         return await _respond(state, request, req, prompts, req.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -137,8 +161,7 @@ def create_app(state: ServerState) -> FastAPI:
         if getattr(tokenizer, "chat_template", None) is None:
             raise P.APIError(400, "this model has no chat template: use /v1/completions", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already wrote any special tokens
+        ids = await off_loop(_chat_ids, tokenizer, messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return await _respond(state, request, req, [ids], max_tokens, chat=True)
 

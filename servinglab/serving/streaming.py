@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from sse_starlette.sse import EventSourceResponse
 
-from servinglab.engine.outputs import RequestOutput
+from servinglab.engine.outputs import EngineDeadError, RequestOutput
 from servinglab.serving import protocol as P
 from servinglab.serving.metrics import ServerMetrics
 
@@ -137,6 +137,8 @@ async def start_jobs(state: ServerState, prompts: list[list[int]], params: list[
         await jobs.wait_admitted()
     except ValueError as exc:
         raise P.APIError(400, str(exc), P.param_of(str(exc), set())) from None
+    except EngineDeadError as exc:
+        raise P.APIError(503, str(exc)) from None
     except BaseException:  # the handler itself was cancelled (client gone): do not leave orphans running
         jobs.cancel()
         raise
