@@ -79,7 +79,12 @@ def rejection_sample(
 
     Raises:
         ValueError: naming the parameter, for wrong ranks, mismatched ``B``, ``k`` or
-        vocabulary sizes, ``k < 1`` or draft token ids outside ``[0, V)``.
+        vocabulary sizes, ``k < 1`` or (for CPU tensors) draft token ids outside ``[0, V)``.
+
+    Batched tensor code: the same tensor operations whatever ``B`` and ``k`` (no Python
+    loop over rows or tokens) and no ``.item()`` / ``int(t)`` / ``.tolist()`` on device
+    tensors, so on a GPU the whole batch is a handful of kernels with no stall. The
+    engine checks this at start-up and falls back to a slow path (and says so) otherwise.
     """
     # Hints: gather p(x_i) and q(x_i); accept iff u_i * q(x_i) < p(x_i) with u_i ~ U[0, 1)
     # (no division, q(x_i) = 0 counts as p/q = inf); a row's accepted count is the length
@@ -96,10 +101,13 @@ def rejection_sample(
     vocab = target_probs.shape[-1]
     if draft_probs is not None and tuple(draft_probs.shape) != (batch, k, vocab):
         raise ValueError(f"draft_probs must be [B, k, V] = [{batch}, {k}, {vocab}] (V from target_probs), got {tuple(draft_probs.shape)}")
-    if draft_token_ids.numel() and not (0 <= int(draft_token_ids.min()) and int(draft_token_ids.max()) < vocab):
+    if num_draft_tokens is not None and num_draft_tokens.shape != (batch,):
+        raise ValueError(f"num_draft_tokens must be [B] = [{batch}], got {tuple(num_draft_tokens.shape)}")
+    # Value checks read tensors on the host: free for CPU tensors, a GPU stall for device ones (skipped there).
+    if draft_token_ids.device.type == "cpu" and draft_token_ids.numel() and not (0 <= int(draft_token_ids.min()) and int(draft_token_ids.max()) < vocab):
         raise ValueError(f"draft_token_ids must lie in [0, {vocab}) (the target's vocabulary)")
-    if num_draft_tokens is not None and (num_draft_tokens.shape != (batch,) or not bool(((num_draft_tokens >= 0) & (num_draft_tokens <= k)).all())):
-        raise ValueError(f"num_draft_tokens must be [B] = [{batch}] with values in [0, {k}]")
+    if num_draft_tokens is not None and num_draft_tokens.device.type == "cpu" and not bool(((num_draft_tokens >= 0) & (num_draft_tokens <= k)).all()):
+        raise ValueError(f"num_draft_tokens must hold values in [0, {k}]")
     device = target_probs.device
     ids = draft_token_ids.to(device=device, dtype=torch.long)
     p = target_probs.float()

@@ -102,6 +102,7 @@ class LLMEngine:
         self.step_log: list[StepRecord] = []
         self.record_steps = False
         self.num_steps = 0
+        self.last_step_had_prefill = False  # whether the last plain step computed a prefill (chunk)
 
     # ---------------------------------------------------------------- requests
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -184,12 +185,17 @@ class LLMEngine:
         """Run one iteration; return outputs of requests that progressed (finished ones last time)."""
         if self.spec_decoder is not None:  # draft, verify in one pass, roll back: spec_decode.py
             return self.spec_decoder.step(self)
+        return self.plain_step()
+
+    def plain_step(self) -> list[RequestOutput]:
+        """One iteration without speculation (a step strategy may call it for steps it does not speculate in)."""
         start = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
             raise_if_stalled(self.scheduler, self.block_manager)
             return []
         was_prefill = [s.seq.is_prefill for s in out.scheduled]
+        self.last_step_had_prefill = any(was_prefill)
         seqs, logits = self.runner.execute(out, self.block_manager.block_tables)
         for item in out.scheduled:
             seq = item.seq

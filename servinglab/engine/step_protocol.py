@@ -67,6 +67,11 @@ class EngineHost(Protocol):
     max_model_len: int
     num_steps: int
     record_steps: bool
+    last_step_had_prefill: bool
+
+    def plain_step(self) -> list[RequestOutput]:
+        """One iteration without speculation."""
+        ...
 
     def request_of(self, seq: Sequence) -> RequestState:
         """The request a live sequence belongs to."""

@@ -1,0 +1,88 @@
+"""When to speculate: per step, only where it is expected to pay (vLLM's ``disable_by_batch_size``, SGLang's adaptive speculation).
+
+A speculative step of a batch of ``B`` decoding sequences takes ``t_spec(B)`` seconds and
+emits ``T`` tokens per sequence on average (``T = 1 + accepted drafts``; Leviathan et al.
+predict ``(1 - a^(k+1)) / (1 - a)`` for acceptance ``a``); a plain step takes
+``t_plain(B)`` and emits one. **The rule: speculate in a step iff**
+
+    ``B < disable_by_batch_size``  (when set)  and  ``T * t_plain(B) >= t_spec(B)``,
+
+i.e. iff speculation's tokens per second beat plain decoding's at this batch size. ``T``
+is one running average over the workload (acceptance is a property of the text), the
+two step times are running averages per batch-size bucket (powers of two), all
+exponentially weighted (weight ``EWMA`` for the newest step). Until a bucket has both
+times it alternates (one plain step, then speculation). Every ``PROBE_EVERY``-th step of a
+bucket does the other kind, so the estimates follow the workload: with acceptance 0 the
+engine pays a speculative step once in ``PROBE_EVERY`` (a few percent), and where
+acceptance recovers speculation comes back within ``PROBE_EVERY`` steps.
+
+Only steps whose sequences all decode are timed (a prefill inside a step says nothing
+about decoding). Step times are wall times on the host, measured after the step's
+device-to-host copy, so they include everything a user waits for: proposing,
+verification, rejection sampling and bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EWMA = 0.25  # weight of the newest measurement
+PROBE_EVERY = 16  # every 16th step of a bucket runs the kind the rule did not pick
+
+
+def bucket_of(batch: int) -> int:
+    """The power of two ``>= batch``: steps of similar cost share their estimates."""
+    return 1 << max(0, batch - 1).bit_length()
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EWMA) * old + EWMA * new
+
+
+@dataclass
+class SpecPolicy:
+    """The per-step on/off rule (see the module docstring).
+
+    Args:
+        disable_by_batch_size: speculation is off for batches of at least this many
+            decoding sequences (``None``: no fixed limit, the measured rule alone).
+        adaptive: apply the measured rule; ``False``: speculate in every step below the
+            batch limit (the CPU default, where each step is compute-bound and the course
+            shows the raw effect).
+    """
+
+    disable_by_batch_size: int | None = None
+    adaptive: bool = True
+    tokens_per_step: float | None = None  # T: running average of tokens per sequence per speculative step
+    t_plain: dict[int, float] = field(default_factory=dict)
+    t_spec: dict[int, float] = field(default_factory=dict)
+    steps: dict[int, int] = field(default_factory=dict)
+    num_spec_steps: int = 0
+    num_plain_steps: int = 0
+
+    def should_speculate(self, batch: int) -> bool:
+        """Whether the next step of ``batch`` decoding sequences speculates."""
+        if batch < 1 or (self.disable_by_batch_size is not None and batch >= self.disable_by_batch_size):
+            return False
+        if not self.adaptive:
+            return True
+        b = bucket_of(batch)
+        n = self.steps.get(b, 0)
+        self.steps[b] = n + 1
+        plain, spec = self.t_plain.get(b), self.t_spec.get(b)
+        if plain is None or spec is None or self.tokens_per_step is None:
+            return plain is not None  # warm-up: one plain step, then speculative ones until both are known
+        pays = self.tokens_per_step * plain >= spec
+        return pays != (n % PROBE_EVERY == PROBE_EVERY - 1)  # the probe step does the other kind
+
+    def record(self, batch: int, speculated: bool, seconds: float, tokens_per_seq: float | None = None) -> None:
+        """One all-decode step of ``batch`` sequences took ``seconds``; a speculative one emitted ``tokens_per_seq`` on average."""
+        b = bucket_of(batch)
+        if speculated:
+            self.num_spec_steps += 1
+            self.t_spec[b] = _ewma(self.t_spec.get(b), seconds)
+            if tokens_per_seq is not None:
+                self.tokens_per_step = _ewma(self.tokens_per_step, tokens_per_seq)
+        else:
+            self.num_plain_steps += 1
+            self.t_plain[b] = _ewma(self.t_plain.get(b), seconds)
