@@ -102,15 +102,14 @@ def run_model(name: str, out_len: int, prompt_len: int, batches: tuple[int, ...]
     proposer = ControlledProposer(prompt_len, config.vocab_size, seed)
     _timed(plain, prompts[:1], 8)  # warm-up
     base: dict[int, tuple[float, float]] = {}  # batch -> (best plain seconds, plain decode step seconds)
+    refs: dict[int, dict[tuple[int, ...], list[int]]] = {}  # batch -> what greedy decoding gives at that batch size
     for b in batches:
         pre, _, _ = _timed(plain, prompts[:b], 1)
         runs = [_timed(plain, prompts[:b], out_len) for _ in range(2)]
         best = min(r[0] for r in runs)
         base[b] = (best, (best - pre) / max(runs[0][2] - 1, 1))
-        _, refs, _ = _timed(plain, prompts[:b], out_len + max(ks) + 2)  # what greedy decoding gives at this batch size
-        proposer.references.update({tuple(p): r for p, r in zip(prompts[:b], refs)})
-        # keep the batch's own references: later batches overwrite the shared prompts with their own batch's
-        base[b] = base[b] + (dict(proposer.references),)  # type: ignore[assignment]
+        _, conts, _ = _timed(plain, prompts[:b], out_len + max(ks) + 2)
+        refs[b] = {tuple(p): c for p, c in zip(prompts[:b], conts)}
     rows: list[GpuSpecRow] = []
     configs = [("controlled", k, {"method": "custom", "num_speculative_tokens": k, "proposer": proposer}) for k in ks]
     configs.append(("ngram", 4, {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}))
@@ -120,8 +119,8 @@ def run_model(name: str, out_len: int, prompt_len: int, batches: tuple[int, ...]
         proposer.k = k
         _timed(llm, prompts[:1], 8)
         for b in batches:
-            plain_s, plain_step, refs = base[b]  # type: ignore[misc]
-            proposer.references = refs
+            plain_s, plain_step = base[b]
+            proposer.references = refs[b]
             pre, _, _ = _timed(llm, prompts[:b], 1)
             for alpha in (alphas if label == "controlled" else (None,)):
                 proposer.alpha, proposer.diverged = (alpha if alpha is not None else 1.0), set()
