@@ -91,7 +91,8 @@ def rejection_sample(
     # Hints: gather p(x_i) and q(x_i); accept iff u_i * q(x_i) < p(x_i) with u_i ~ U[0, 1)
     # (no division, q(x_i) = 0 counts as p/q = inf); a row's accepted count is the length
     # of its leading run of accepts (cumprod); build the recovery distribution only at
-    # that one position per row; torch.multinomial draws one token per row.
+    # that one position per row; draw one token per row with the exponential race
+    # argmax(dist / Exp(1)) (torch.multinomial runs host-side checks: a GPU stall).
     raise NotImplementedError("rejection_sample: your code here")
 
 

@@ -89,7 +89,8 @@ def rejection_sample(
     # Hints: gather p(x_i) and q(x_i); accept iff u_i * q(x_i) < p(x_i) with u_i ~ U[0, 1)
     # (no division, q(x_i) = 0 counts as p/q = inf); a row's accepted count is the length
     # of its leading run of accepts (cumprod); build the recovery distribution only at
-    # that one position per row; torch.multinomial draws one token per row.
+    # that one position per row; draw one token per row with the exponential race
+    # argmax(dist / Exp(1)) (torch.multinomial runs host-side checks: a GPU stall).
     ### BEGIN SOLUTION
     if draft_token_ids.dim() != 2:
         raise ValueError(f"draft_token_ids must be [B, k], got shape {tuple(draft_token_ids.shape)}")
@@ -128,7 +129,11 @@ def rejection_sample(
     # A bonus position (no draft there) samples p itself; a zero residual can only arise
     # when p == q up to rounding, where p is the right law anyway.
     dist = torch.where(is_bonus | (residual.sum(-1, keepdim=True) <= 0), p_at, residual)
-    extra = torch.multinomial(dist / dist.sum(-1, keepdim=True), 1, generator=generator).squeeze(1)
+    # One draw per row by the exponential race: argmax_x dist(x) / E_x with E_x ~ Exp(1) picks x with
+    # probability dist(x) / sum(dist). torch.multinomial does the same inside, after host-side
+    # validity checks that stall a GPU (two .item() calls).
+    race = torch.empty_like(dist).exponential_(1.0, generator=generator).clamp_min_(1e-30)  # never 0: 0/0 would be NaN
+    extra = (dist / race).argmax(dim=-1)
     out = torch.full((batch, k + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=device)
     keep = positions.unsqueeze(0) < num_accepted.unsqueeze(1)
     out[:, :k] = torch.where(keep, ids, out[:, :k])
