@@ -198,13 +198,13 @@ def run_spec_gpu(models: list[str], out_dir: Path, out_len: int = 128, prompt_le
     if not torch.cuda.is_available():
         raise SystemExit("error: bench spec --device cuda needs a CUDA device")
     rows: list[GpuSpecRow] = []
-    for name in models:
-        rows += run_model(name, out_len, prompt_len, batches, alphas, ks)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(table(rows))
-    print(f"{torch.cuda.get_device_name()}, bf16, random weights, greedy, prompt {prompt_len}, output {out_len} tokens. "
-          "forced: speculation in every step; rule: the per-step rule of servinglab.engine.spec_policy; v: speculative "
-          "decode step / plain decode step (forced); Leviathan: (1 - a^(k+1)) / ((1 - a) v) with c = 0.")
-    (out_dir / "spec_gpu.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    plot(rows, out_dir)
+    for name in models:  # results are written after each model: a long run cut short keeps what it measured
+        rows += run_model(name, out_len, prompt_len, batches, alphas, ks)
+        print(table(rows))
+        print(f"{torch.cuda.get_device_name()}, bf16, random weights, greedy, prompt {prompt_len}, output {out_len} tokens. "
+              "forced: speculation in every step; rule: the per-step rule of servinglab.engine.spec_policy; v: speculative "
+              "decode step / plain decode step (forced); Leviathan: (1 - a^(k+1)) / ((1 - a) v) with c = 0.", flush=True)
+        (out_dir / "spec_gpu.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        plot(rows, out_dir)
     return rows

@@ -122,7 +122,8 @@ class CudaModelRunner(ModelRunner):
                                       capture_sizes=capture_sizes, context_buckets=list(CONTEXT_BUCKETS))
         if not enforce_eager:
             self.graphs.capture()
-        self.num_verify_graph_steps = 0  # verification steps that replayed a graph
+        self.num_verify_steps = 0  # verification steps on the uniform (1 + k rows per lane) path
+        self.num_verify_graph_steps = 0  # of those, steps that replayed a graph
         self.verify_graphs: CUDAGraphRunner | None = None
         if num_speculative_tokens > 0:
             q = num_speculative_tokens + 1
@@ -245,6 +246,7 @@ class CudaModelRunner(ModelRunner):
             logits = self.model.compute_logits(hidden).view(n, graphs.query_len, -1)
             ids = graphs.static[: n * graphs.query_len].view(n, graphs.query_len)[:, 1:].long()
         counts = self.upload({"num_drafts": num_drafts})["num_drafts"]
+        self.num_verify_steps += 1
         self.num_verify_graph_steps += graphs.captured
         return [item.seq for item in out.scheduled], logits, ids, counts
 
