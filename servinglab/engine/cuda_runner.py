@@ -213,13 +213,14 @@ class CudaModelRunner(ModelRunner):
                 raise ValueError(f"{seq} needs {used} blocks for {p + d + 1} tokens, has {0 if table is None else len(table)}")
             if (p + q - 1) // bs >= width:
                 return None
-            out_ids, prompt_len, row = seq.output_token_ids, seq.num_prompt_tokens, i * q
-            ids[row : row + d + 1] = out_ids[p - prompt_len : p - prompt_len + d + 1]
-            ids[row + d + 1 : row + q] = 0
-            pos[row : row + q] = np.minimum(np.arange(p, p + q), p + d)  # padding rows: any valid RoPE position
-            for j in range(d + 1):
-                slots[row + j] = slot_of(seq.seq_id, p + j) if slot_of is not None else table[(p + j) // bs] * bs + (p + j) % bs
-            slots[row + d + 1 : row + q] = -1
+            out_ids, first = seq.output_token_ids, p - seq.num_prompt_tokens
+            for j in range(q):  # scalar writes: cheaper than NumPy slicing for a handful of rows
+                row = i * q + j
+                if j <= d:
+                    ids[row], pos[row] = out_ids[first + j], p + j
+                    slots[row] = slot_of(seq.seq_id, p + j) if slot_of is not None else table[(p + j) // bs] * bs + (p + j) % bs
+                else:  # padding: writes nothing, any valid RoPE position, output never read
+                    ids[row], pos[row], slots[row] = 0, p + d, -1
             ctx[i] = p + q  # rows sit at p .. p + q - 1: the real ones see only real, written positions
             tables[i, :used] = table[:used]
             num_drafts[i] = d
