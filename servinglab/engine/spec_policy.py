@@ -8,9 +8,10 @@ predict ``(1 - a^(k+1)) / (1 - a)`` for acceptance ``a``); a plain step takes
     ``B < disable_by_batch_size``  (when set)  and  ``T * t_plain(B) >= t_spec(B)``,
 
 i.e. iff speculation's tokens per second beat plain decoding's at this batch size. ``T``
-is one running average over the workload (acceptance is a property of the text), the
-two step times are running averages per batch-size bucket (powers of two), all
-exponentially weighted (weight ``EWMA`` for the newest step). Until a bucket has both
+is a running average over the workload (acceptance is a property of the text,
+exponentially weighted, ``EWMA`` for the newest step); the two step times are the
+medians of the last ``WINDOW`` steps of each kind per batch-size bucket (powers of two):
+one slow step (a collection, a page fault) must not flip the decision for long. Until a bucket has both
 times it alternates (one plain step, then speculation). Every ``PROBE_EVERY``-th step of a
 bucket does the other kind, so the estimates follow the workload: with acceptance 0 the
 engine pays a speculative step once in ``PROBE_EVERY`` (a few percent), and where
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-EWMA = 0.25  # weight of the newest measurement
+EWMA = 0.25  # weight of the newest acceptance measurement
+WINDOW = 8  # step times per bucket and kind whose median is the estimate
 PROBE_EVERY = 16  # every 16th step of a bucket runs the kind the rule did not pick
 
 
@@ -37,6 +39,16 @@ def bucket_of(batch: int) -> int:
 
 def _ewma(old: float | None, new: float) -> float:
     return new if old is None else (1 - EWMA) * old + EWMA * new
+
+
+def _median(times: list[float] | None) -> float | None:
+    return None if not times else sorted(times)[len(times) // 2]
+
+
+def _push(times: dict[int, list[float]], bucket: int, seconds: float) -> None:
+    window = times.setdefault(bucket, [])
+    window.append(seconds)
+    del window[:-WINDOW]
 
 
 @dataclass
@@ -54,8 +66,8 @@ class SpecPolicy:
     disable_by_batch_size: int | None = None
     adaptive: bool = True
     tokens_per_step: float | None = None  # T: running average of tokens per sequence per speculative step
-    t_plain: dict[int, float] = field(default_factory=dict)
-    t_spec: dict[int, float] = field(default_factory=dict)
+    t_plain: dict[int, list[float]] = field(default_factory=dict)  # bucket -> last WINDOW plain step times
+    t_spec: dict[int, list[float]] = field(default_factory=dict)
     steps: dict[int, int] = field(default_factory=dict)
     num_spec_steps: int = 0
     num_plain_steps: int = 0
@@ -69,7 +81,7 @@ class SpecPolicy:
         b = bucket_of(batch)
         n = self.steps.get(b, 0)
         self.steps[b] = n + 1
-        plain, spec = self.t_plain.get(b), self.t_spec.get(b)
+        plain, spec = _median(self.t_plain.get(b)), _median(self.t_spec.get(b))
         if plain is None or spec is None or self.tokens_per_step is None:
             return plain is not None  # warm-up: one plain step, then speculative ones until both are known
         pays = self.tokens_per_step * plain >= spec
@@ -80,9 +92,9 @@ class SpecPolicy:
         b = bucket_of(batch)
         if speculated:
             self.num_spec_steps += 1
-            self.t_spec[b] = _ewma(self.t_spec.get(b), seconds)
+            _push(self.t_spec, b, seconds)
             if tokens_per_seq is not None:
                 self.tokens_per_step = _ewma(self.tokens_per_step, tokens_per_seq)
         else:
             self.num_plain_steps += 1
-            self.t_plain[b] = _ewma(self.t_plain.get(b), seconds)
+            _push(self.t_plain, b, seconds)

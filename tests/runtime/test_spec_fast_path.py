@@ -61,7 +61,7 @@ def test_policy_warms_up_then_follows_the_measured_rule():
     policy.record(1, True, 1.3, tokens_per_seq=3.0)  # 3 tokens in 1.3 plain steps: pays
     decisions = [policy.should_speculate(1) for _ in range(2 * PROBE_EVERY)]
     assert decisions.count(False) == 2, "speculating, with one plain probe every PROBE_EVERY steps"
-    low = SpecPolicy(t_plain={1: 1.0}, t_spec={1: 1.3}, tokens_per_step=1.0)  # acceptance 0: T = 1 < 1.3
+    low = SpecPolicy(t_plain={1: [1.0]}, t_spec={1: [1.3]}, tokens_per_step=1.0)  # acceptance 0: T = 1 < 1.3
     decisions = [low.should_speculate(1) for _ in range(2 * PROBE_EVERY)]
     assert decisions.count(True) == 2, "off, with one speculative probe every PROBE_EVERY steps"
     for _ in range(8):  # acceptance recovers: the probes see it and speculation comes back
@@ -74,8 +74,11 @@ def test_policy_batch_limit_and_non_adaptive_mode():
     limited = SpecPolicy(disable_by_batch_size=32, adaptive=False)
     assert limited.should_speculate(31) and not limited.should_speculate(32) and not limited.should_speculate(64)
     assert not SpecPolicy().should_speculate(0)
-    fast_plain = SpecPolicy(t_plain={64: 1.0}, t_spec={64: 3.0}, tokens_per_step=2.5, steps={64: 0})
+    fast_plain = SpecPolicy(t_plain={64: [1.0]}, t_spec={64: [3.0]}, tokens_per_step=2.5, steps={64: 0})
     assert not fast_plain.should_speculate(64), "2.5 tokens per step cannot pay for a step 3x as long"
+    noisy = SpecPolicy(t_plain={1: [1.0] * 7}, t_spec={1: [1.3]}, tokens_per_step=1.0, steps={1: 0})
+    noisy.record(1, False, 5.0)  # one slow plain step (a collection): the median keeps the decision
+    assert not noisy.should_speculate(1)
 
 
 def test_check_batched_accepts_the_reference_and_reports_a_loop():
