@@ -74,7 +74,7 @@ class GpuSpecRow:
     rule_tps: float
     acceptance: float
     tokens_per_step: float
-    v: float  # speculative decode step / plain decode step (forced run)
+    v: float | None  # cost of a verification step / a plain step: plain / forced tok/s at alpha = 0 (same batch and k)
     predicted: float | None  # Leviathan: E[tokens per step] / v
     spec_steps_share: float  # share of decode steps the rule speculated in
     diverged: int = 0
@@ -95,19 +95,19 @@ def run_model(name: str, out_len: int, prompt_len: int, batches: tuple[int, ...]
     model, config = random_gpu_model(name, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, config.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(max(batches))]
+    longest = prompt_len + out_len + 2 * max(ks) + 8
     common = dict(model_obj=model, hf_config=config, dtype="bfloat16", device="cuda", max_num_seqs=max(batches),
-                  max_model_len=prompt_len + out_len + 2 * max(ks) + 8, num_kv_blocks=max(batches) * (-(-(prompt_len + out_len + 2 * max(ks) + 8) // 16)) + 16,
+                  max_model_len=longest, num_kv_blocks=max(batches) * -(-longest // 16) + 16,
                   enable_prefix_caching=False, extra={"cuda_graph_sizes": sorted(set(batches))})
     plain = LLM(**common)
     proposer = ControlledProposer(prompt_len, config.vocab_size, seed)
     _timed(plain, prompts[:1], 8)  # warm-up
-    base: dict[int, tuple[float, float]] = {}  # batch -> (best plain seconds, plain decode step seconds)
+    base: dict[int, float] = {}  # batch -> best plain seconds
     refs: dict[int, dict[tuple[int, ...], list[int]]] = {}  # batch -> what greedy decoding gives at that batch size
     for b in batches:
-        pre = min(_timed(plain, prompts[:b], 1)[0] for _ in range(2))
         runs = [_timed(plain, prompts[:b], out_len) for _ in range(2)]
         best = min(r[0] for r in runs)
-        base[b] = (best, (best - pre) / max(runs[0][2] - 1, 1))
+        base[b] = best
         _, conts, _ = _timed(plain, prompts[:b], out_len + max(ks) + 2)
         refs[b] = {tuple(p): c for p, c in zip(prompts[:b], conts)}
     rows: list[GpuSpecRow] = []
@@ -119,32 +119,49 @@ def run_model(name: str, out_len: int, prompt_len: int, batches: tuple[int, ...]
         proposer.k = k
         _timed(llm, prompts[:1], 8)
         for b in batches:
-            plain_s, plain_step = base[b]
+            plain_s = base[b]
             proposer.references = refs[b]
-            pre = min(_timed(llm, prompts[:b], 1)[0] for _ in range(2))  # the second: no first-call costs
+            _timed(llm, prompts[:b], 8)  # warm-up at this batch size (forced: verification steps too)
             for alpha in (alphas if label == "controlled" else (None,)):
                 proposer.alpha, proposer.diverged = (alpha if alpha is not None else 1.0), set()
                 policy.adaptive = False
                 dec.stats.__init__(k)
-                forced_s, _, steps = _timed(llm, prompts[:b], out_len)
+                forced_s, _, _ = _timed(llm, prompts[:b], out_len)
                 st = dec.stats
                 acc, tps = st.acceptance_rate, st.mean_tokens_per_step
-                v = (forced_s - pre) / max(steps - 1, 1) / plain_step
                 policy.adaptive = True
                 n_spec, n_plain = policy.num_spec_steps, policy.num_plain_steps
                 rule_s, _, _ = _timed(llm, prompts[:b], out_len)
                 spec_share = (policy.num_spec_steps - n_spec) / max(policy.num_spec_steps - n_spec + policy.num_plain_steps - n_plain, 1)
-                a = alpha if alpha is not None else min(acc, 0.999)
-                expected = (k + 1.0) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
                 tokens = b * out_len
-                rows.append(GpuSpecRow(name, label, b, k, alpha, tokens / plain_s, tokens / forced_s, tokens / rule_s, acc, tps, v,
-                                       expected / v, spec_share, len(proposer.diverged)))
+                rows.append(GpuSpecRow(name, label, b, k, alpha, tokens / plain_s, tokens / forced_s, tokens / rule_s, acc, tps,
+                                       None, None, spec_share, len(proposer.diverged)))
+                add_prediction(rows)
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
         del llm
         torch.cuda.empty_cache()
     del plain, model
     torch.cuda.empty_cache()
     return rows
+
+
+def add_prediction(rows: list[GpuSpecRow]) -> None:
+    """Fill ``v`` and Leviathan's prediction where the alpha = 0 row of the same (model, batch, k) exists.
+
+    At alpha = 0 a forced verification emits one token, like a plain step, so plain / forced
+    tokens/s there *is* the cost ratio ``v`` of a verification step (it does not depend on
+    alpha: same shapes). The prediction for any alpha is then ``E[tokens per step] / v``
+    with Leviathan's i.i.d. ``E = (1 - a^(k+1)) / (1 - a)``; for the n-gram rows ``E`` is the
+    measured tokens per step and ``v`` the controlled rows' at the same k.
+    """
+    zero = {(r.model, r.batch, r.k): r.plain_tps / r.forced_tps for r in rows if r.proposer == "controlled" and r.alpha == 0}
+    for r in rows:
+        r.v = zero.get((r.model, r.batch, r.k))
+        if r.v is None:
+            continue
+        a = r.alpha
+        expected = r.tokens_per_step if a is None else (r.k + 1.0 if a >= 1 else (1 - a ** (r.k + 1)) / (1 - a))
+        r.predicted = expected / r.v
 
 
 def table(rows: list[GpuSpecRow]) -> str:
@@ -154,7 +171,7 @@ def table(rows: list[GpuSpecRow]) -> str:
     for r in rows:
         lines.append(f"| {r.model} | {r.proposer} | {r.batch} | {r.k} | {'-' if r.alpha is None else f'{r.alpha:g}'} | "
                      f"{r.plain_tps:.0f} | {r.forced_tps:.0f} | {r.forced_tps / r.plain_tps:.2f} | {r.rule_tps / r.plain_tps:.2f} | "
-                     f"{r.spec_steps_share:.0%} | {r.acceptance:.2f} | {r.tokens_per_step:.2f} | {r.v:.2f} | "
+                     f"{r.spec_steps_share:.0%} | {r.acceptance:.2f} | {r.tokens_per_step:.2f} | {'-' if r.v is None else f'{r.v:.2f}'} | "
                      f"{'-' if r.predicted is None else f'{r.predicted:.2f}'} | {r.diverged} |")
     return "\n".join(lines)
 
@@ -204,7 +221,7 @@ def run_spec_gpu(models: list[str], out_dir: Path, out_len: int = 128, prompt_le
         print(table(rows))
         print(f"{torch.cuda.get_device_name()}, bf16, random weights, greedy, prompt {prompt_len}, output {out_len} tokens. "
               "forced: speculation in every step; rule: the per-step rule of servinglab.engine.spec_policy; v: speculative "
-              "decode step / plain decode step (forced); Leviathan: (1 - a^(k+1)) / ((1 - a) v) with c = 0.", flush=True)
+              "verification step / plain step, from the forced alpha = 0 row; Leviathan: (1 - a^(k+1)) / ((1 - a) v) with c = 0.", flush=True)
         (out_dir / "spec_gpu.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
         plot(rows, out_dir)
     return rows

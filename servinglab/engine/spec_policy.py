@@ -10,12 +10,18 @@ predict ``(1 - a^(k+1)) / (1 - a)`` for acceptance ``a``); a plain step takes
 i.e. iff speculation's tokens per second beat plain decoding's at this batch size. ``T``
 is a running average over the workload (acceptance is a property of the text,
 exponentially weighted, ``EWMA`` for the newest step); the two step times are the
-medians of the last ``WINDOW`` steps of each kind per batch-size bucket (powers of two):
-one slow step (a collection, a page fault) must not flip the decision for long. Until a bucket has both
-times it alternates (one plain step, then speculation). Every ``PROBE_EVERY``-th step of a
-bucket does the other kind, so the estimates follow the workload: with acceptance 0 the
-engine pays a speculative step once in ``PROBE_EVERY`` (a few percent), and where
-acceptance recovers speculation comes back within ``PROBE_EVERY`` steps.
+medians of the last ``WINDOW`` steps of each kind per batch-size bucket (powers of two),
+so one slow step (a collection, a page fault) cannot flip the decision.
+
+Estimates come from running both kinds: a bucket starts with ``MIN_SAMPLES`` plain steps,
+then ``MIN_SAMPLES`` speculative ones; after that the kind the rule did not pick still
+runs as a *probe*, so the estimates follow the workload: a plain probe every
+``PROBE_EVERY`` steps while speculating (cheap), a speculative probe every
+``max(PROBE_EVERY, (r - 1) / MAX_PROBE_COST)`` steps while not, where ``r = t_spec /
+(T t_plain)`` is what one probe costs in plain steps: probing never costs more than
+``MAX_PROBE_COST`` of the throughput (with acceptance 0 and a verification step 4x a
+plain one, one probe in 100 steps), and where acceptance recovers, speculation comes back
+at the next probe.
 
 Only steps whose sequences all decode are timed (a prefill inside a step says nothing
 about decoding). Step times are wall times on the host, measured after the step's
@@ -25,11 +31,14 @@ verification, rejection sampling and bookkeeping.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 EWMA = 0.25  # weight of the newest acceptance measurement
 WINDOW = 8  # step times per bucket and kind whose median is the estimate
-PROBE_EVERY = 16  # every 16th step of a bucket runs the kind the rule did not pick
+PROBE_EVERY = 16  # at most one probe step (the kind the rule did not pick) in 16
+MIN_SAMPLES = 3  # steps of each kind a bucket starts with
+MAX_PROBE_COST = 0.03  # speculative probes cost at most this share of the throughput
 
 
 def bucket_of(batch: int) -> int:
@@ -81,11 +90,17 @@ class SpecPolicy:
         b = bucket_of(batch)
         n = self.steps.get(b, 0)
         self.steps[b] = n + 1
-        plain, spec = _median(self.t_plain.get(b)), _median(self.t_spec.get(b))
-        if plain is None or spec is None or self.tokens_per_step is None:
-            return plain is not None  # warm-up: one plain step, then speculative ones until both are known
-        pays = self.tokens_per_step * plain >= spec
-        return pays != (n % PROBE_EVERY == PROBE_EVERY - 1)  # the probe step does the other kind
+        plains, specs = self.t_plain.get(b, []), self.t_spec.get(b, [])
+        if len(plains) < MIN_SAMPLES:
+            return False
+        if len(specs) < MIN_SAMPLES or self.tokens_per_step is None:
+            return True
+        plain, spec = _median(plains), _median(specs)
+        ratio = spec / (self.tokens_per_step * plain)  # r: a speculative step's cost in plain-step tokens
+        if ratio <= 1.0:
+            return n % PROBE_EVERY != PROBE_EVERY - 1  # speculate; a plain probe now and then
+        every = max(PROBE_EVERY, math.ceil((ratio - 1.0) / MAX_PROBE_COST))
+        return n % every == every - 1  # plain; a speculative probe now and then
 
     def record(self, batch: int, speculated: bool, seconds: float, tokens_per_seq: float | None = None) -> None:
         """One all-decode step of ``batch`` sequences took ``seconds``; a speculative one emitted ``tokens_per_seq`` on average."""

@@ -21,7 +21,7 @@ import torch
 from servinglab import impl
 from servinglab.engine.ngram_index import NgramIndex
 from servinglab.engine.sampling import SamplingParams
-from servinglab.engine.spec_policy import PROBE_EVERY, SpecPolicy, bucket_of
+from servinglab.engine.spec_policy import MIN_SAMPLES, PROBE_EVERY, SpecPolicy, bucket_of
 from servinglab.engine.spec_verify import check_batched, verify_batch, verify_rows
 
 REF = impl.load_part("speculative", "solutions")
@@ -55,15 +55,20 @@ def looped_rejection_sample(draft_token_ids, draft_probs, target_probs, generato
 
 def test_policy_warms_up_then_follows_the_measured_rule():
     policy = SpecPolicy()
-    assert not policy.should_speculate(1), "first a plain step, to know t_plain"
-    policy.record(1, False, 1.0)
-    assert policy.should_speculate(1), "then a speculative one, to know t_spec and T"
-    policy.record(1, True, 1.3, tokens_per_seq=3.0)  # 3 tokens in 1.3 plain steps: pays
+    for _ in range(MIN_SAMPLES):
+        assert not policy.should_speculate(1), "first plain steps, to know t_plain"
+        policy.record(1, False, 1.0)
+    for _ in range(MIN_SAMPLES):
+        assert policy.should_speculate(1), "then speculative ones, to know t_spec and T"
+        policy.record(1, True, 1.3, tokens_per_seq=3.0)  # 3 tokens in 1.3 plain steps: pays
     decisions = [policy.should_speculate(1) for _ in range(2 * PROBE_EVERY)]
     assert decisions.count(False) == 2, "speculating, with one plain probe every PROBE_EVERY steps"
-    low = SpecPolicy(t_plain={1: [1.0]}, t_spec={1: [1.3]}, tokens_per_step=1.0)  # acceptance 0: T = 1 < 1.3
+    low = SpecPolicy(t_plain={1: [1.0] * 3}, t_spec={1: [1.3] * 3}, tokens_per_step=1.0)  # acceptance 0: T = 1 < 1.3
     decisions = [low.should_speculate(1) for _ in range(2 * PROBE_EVERY)]
     assert decisions.count(True) == 2, "off, with one speculative probe every PROBE_EVERY steps"
+    costly = SpecPolicy(t_plain={1: [1.0] * 3}, t_spec={1: [4.0] * 3}, tokens_per_step=1.0)  # a probe costs 3 steps
+    decisions = [costly.should_speculate(1) for _ in range(200)]
+    assert decisions.count(True) == 2, "probes at most MAX_PROBE_COST of the throughput: one in 100 steps here"
     for _ in range(8):  # acceptance recovers: the probes see it and speculation comes back
         low.record(1, True, 1.3, tokens_per_seq=3.5)
     assert low.should_speculate(1)
@@ -74,9 +79,9 @@ def test_policy_batch_limit_and_non_adaptive_mode():
     limited = SpecPolicy(disable_by_batch_size=32, adaptive=False)
     assert limited.should_speculate(31) and not limited.should_speculate(32) and not limited.should_speculate(64)
     assert not SpecPolicy().should_speculate(0)
-    fast_plain = SpecPolicy(t_plain={64: [1.0]}, t_spec={64: [3.0]}, tokens_per_step=2.5, steps={64: 0})
+    fast_plain = SpecPolicy(t_plain={64: [1.0] * 3}, t_spec={64: [3.0] * 3}, tokens_per_step=2.5, steps={64: 0})
     assert not fast_plain.should_speculate(64), "2.5 tokens per step cannot pay for a step 3x as long"
-    noisy = SpecPolicy(t_plain={1: [1.0] * 7}, t_spec={1: [1.3]}, tokens_per_step=1.0, steps={1: 0})
+    noisy = SpecPolicy(t_plain={1: [1.0] * 7}, t_spec={1: [1.3] * 3}, tokens_per_step=1.0, steps={1: 0})
     noisy.record(1, False, 5.0)  # one slow plain step (a collection): the median keeps the decision
     assert not noisy.should_speculate(1)
 
@@ -153,3 +158,21 @@ def test_ngram_index_proposes_what_the_student_proposer_does():
         for _ in range(12):
             assert index.propose(tokens) == student.propose(tokens), (tokens, lo, hi, k)
             tokens = tokens + [rng.randrange(4) for _ in range(rng.randint(1, 3))]
+
+
+def test_disable_by_batch_size_turns_speculation_off():
+    """``disable_by_batch_size=1``: every step has at least one decoding sequence, so none speculates."""
+    from servinglab import LLM
+    from servinglab.model.weights import random_model, tiny_llama_config
+
+    config = tiny_llama_config()
+    model = random_model(config, dtype=torch.float32, seed=0)
+    prompts = [[5, 6, 7] * 4, [9, 8] * 5]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    plain = LLM(model_obj=model, hf_config=config, dtype="float32", block_size=4).generate(prompts, params, use_tqdm=False)
+    llm = LLM(model_obj=model, hf_config=config, dtype="float32", block_size=4,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 1})
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    stats = llm.engine.spec_decoder.stats
+    assert stats.num_draft_tokens == 0 and stats.num_emitted_tokens == 20 - 2, "plain steps only (first tokens come from prefill)"
