@@ -142,6 +142,16 @@ def check_batched(rejection_sample: RejectionSampler, device: torch.device | str
     (``.item()``, ``int(t)``, ``.tolist()``), so a GPU batch costs one launch sequence.
     Measured by running it on two small random batches and counting operations.
     """
+    key = (rejection_sample, torch.device(device).type)
+    if key not in _CHECKED:
+        _CHECKED[key] = _check(rejection_sample, device, vocab)
+    return _CHECKED[key]
+
+
+_CHECKED: dict[tuple[RejectionSampler, str], str | None] = {}  # one probe per function and device type
+
+
+def _check(rejection_sample: RejectionSampler, device: torch.device | str, vocab: int) -> str | None:
     counts = []
     for batch, k in ((2, 2), (5, 3)):
         gen = torch.Generator().manual_seed(batch)
