@@ -161,7 +161,11 @@ class SpeculativeDecoder:
         """One engine iteration with speculation (the plain step's contract: outputs of requests that progressed)."""
         start = time.perf_counter()
         decoding = self._decoding(engine)
-        if not self.policy.should_speculate(len(decoding)):
+        # With the measured rule (the GPU default), steps that prefill do not speculate: they run
+        # eagerly, and verifying there costs a round trip per sequence (the graph path needs all-decode steps).
+        running = len(engine.scheduler.running)
+        prefilling = len(decoding) < running or (len(engine.scheduler.waiting) > 0 and running < engine.config.max_num_seqs)
+        if (self.policy.adaptive and prefilling) or not self.policy.should_speculate(len(decoding)):
             return self._plain(engine, decoding, start)
         drafts, decoding_ids = self._propose(engine, decoding)
         self.propose_seconds += time.perf_counter() - start

@@ -23,7 +23,9 @@ runs as a *probe*, so the estimates follow the workload: a plain probe every
 plain one, one probe in 100 steps), and where acceptance recovers, speculation comes back
 at the next probe.
 
-Only steps whose sequences all decode are timed (a prefill inside a step says nothing
+With the measured rule on, a step that also prefills (a sequence running or waiting has
+prompt tokens left) never speculates: it runs eagerly anyway, and its timing says nothing
+about decoding. Only steps whose sequences all decode are timed (a prefill inside a step says nothing
 about decoding). Step times are wall times on the host, measured after the step's
 device-to-host copy, so they include everything a user waits for: proposing,
 verification, rejection sampling and bookkeeping.

@@ -161,7 +161,8 @@ def test_ngram_index_proposes_what_the_student_proposer_does():
 
 
 def test_disable_by_batch_size_turns_speculation_off():
-    """``disable_by_batch_size=1``: every step has at least one decoding sequence, so none speculates."""
+    """``disable_by_batch_size=1``: every step has at least one decoding sequence, so none speculates;
+    with the measured rule on (the GPU default) greedy tokens stay the plain engine's."""
     from servinglab import LLM
     from servinglab.model.weights import random_model, tiny_llama_config
 
@@ -176,3 +177,9 @@ def test_disable_by_batch_size_turns_speculation_off():
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
     stats = llm.engine.spec_decoder.stats
     assert stats.num_draft_tokens == 0 and stats.num_emitted_tokens == 20 - 2, "plain steps only (first tokens come from prefill)"
+    adaptive = LLM(model_obj=model, hf_config=config, dtype="float32", block_size=4,
+                   speculative_config={"method": "ngram", "num_speculative_tokens": 2, "adaptive": True})
+    outs = adaptive.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    policy = adaptive.engine.spec_decoder.policy
+    assert policy.num_plain_steps >= 3 and policy.num_spec_steps >= 1, "it measures both kinds of step"
