@@ -81,12 +81,18 @@ def rejection_sample(
 
     Raises:
         ValueError: naming the parameter, for wrong ranks, mismatched ``B``, ``k`` or
-        vocabulary sizes, ``k < 1`` or draft token ids outside ``[0, V)``.
+        vocabulary sizes, ``k < 1`` or (for CPU tensors) draft token ids outside ``[0, V)``.
+
+    Batched tensor code: the same tensor operations whatever ``B`` and ``k`` (no Python
+    loop over rows or tokens) and no ``.item()`` / ``int(t)`` / ``.tolist()`` on device
+    tensors, so on a GPU the whole batch is a handful of kernels with no stall. The
+    engine checks this at start-up and falls back to a slow path (and says so) otherwise.
     """
     # Hints: gather p(x_i) and q(x_i); accept iff u_i * q(x_i) < p(x_i) with u_i ~ U[0, 1)
     # (no division, q(x_i) = 0 counts as p/q = inf); a row's accepted count is the length
     # of its leading run of accepts (cumprod); build the recovery distribution only at
-    # that one position per row; torch.multinomial draws one token per row.
+    # that one position per row; draw one token per row with the exponential race
+    # argmax(dist / Exp(1)) (torch.multinomial runs host-side checks: a GPU stall).
     raise NotImplementedError("rejection_sample: your code here")
 
 

@@ -91,6 +91,12 @@ def _bench_prefix(args: argparse.Namespace) -> int:
 
 
 def _bench_spec(args: argparse.Namespace) -> int:
+    if args.device == "cuda" or args.random_weights:  # the GPU grid: servinglab.bench.spec_gpu
+        from servinglab.bench.spec_gpu import run_spec_gpu
+
+        run_spec_gpu(args.random_weights or ["smollm2-135m"], args.out, out_len=args.max_tokens,
+                     batches=tuple(args.batches), alphas=tuple(args.alphas), ks=tuple(args.ks))
+        return 0
     from servinglab.bench.spec import run_spec
     from servinglab.model.prepare import require_model
 
@@ -215,6 +221,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="alternating plain/speculative runs per row (best time kept)")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows")
     p.add_argument("--out", type=Path, default=Path("bench_results"))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: the GPU grid, controlled acceptance x k x batch (servinglab.bench.spec_gpu)")
+    p.add_argument("--random-weights", nargs="+", default=None, choices=["smollm2-135m", "smollm2-1.7b"],
+                   help="random-weight configs for --device cuda (implies it; default smollm2-135m)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="batch sizes (--device cuda)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.3, 0.6, 0.8, 0.95], help="controlled acceptance (--device cuda)")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="drafts per step (--device cuda)")
     p.set_defaults(fn=_bench_spec)
 
     groups = {"sub": sub, "bench": bench}

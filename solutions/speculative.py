@@ -79,12 +79,18 @@ def rejection_sample(
 
     Raises:
         ValueError: naming the parameter, for wrong ranks, mismatched ``B``, ``k`` or
-        vocabulary sizes, ``k < 1`` or draft token ids outside ``[0, V)``.
+        vocabulary sizes, ``k < 1`` or (for CPU tensors) draft token ids outside ``[0, V)``.
+
+    Batched tensor code: the same tensor operations whatever ``B`` and ``k`` (no Python
+    loop over rows or tokens) and no ``.item()`` / ``int(t)`` / ``.tolist()`` on device
+    tensors, so on a GPU the whole batch is a handful of kernels with no stall. The
+    engine checks this at start-up and falls back to a slow path (and says so) otherwise.
     """
     # Hints: gather p(x_i) and q(x_i); accept iff u_i * q(x_i) < p(x_i) with u_i ~ U[0, 1)
     # (no division, q(x_i) = 0 counts as p/q = inf); a row's accepted count is the length
     # of its leading run of accepts (cumprod); build the recovery distribution only at
-    # that one position per row; torch.multinomial draws one token per row.
+    # that one position per row; draw one token per row with the exponential race
+    # argmax(dist / Exp(1)) (torch.multinomial runs host-side checks: a GPU stall).
     ### BEGIN SOLUTION
     if draft_token_ids.dim() != 2:
         raise ValueError(f"draft_token_ids must be [B, k], got shape {tuple(draft_token_ids.shape)}")
@@ -96,10 +102,13 @@ def rejection_sample(
     vocab = target_probs.shape[-1]
     if draft_probs is not None and tuple(draft_probs.shape) != (batch, k, vocab):
         raise ValueError(f"draft_probs must be [B, k, V] = [{batch}, {k}, {vocab}] (V from target_probs), got {tuple(draft_probs.shape)}")
-    if draft_token_ids.numel() and not (0 <= int(draft_token_ids.min()) and int(draft_token_ids.max()) < vocab):
+    if num_draft_tokens is not None and num_draft_tokens.shape != (batch,):
+        raise ValueError(f"num_draft_tokens must be [B] = [{batch}], got {tuple(num_draft_tokens.shape)}")
+    # Value checks read tensors on the host: free for CPU tensors, a GPU stall for device ones (skipped there).
+    if draft_token_ids.device.type == "cpu" and draft_token_ids.numel() and not (0 <= int(draft_token_ids.min()) and int(draft_token_ids.max()) < vocab):
         raise ValueError(f"draft_token_ids must lie in [0, {vocab}) (the target's vocabulary)")
-    if num_draft_tokens is not None and (num_draft_tokens.shape != (batch,) or not bool(((num_draft_tokens >= 0) & (num_draft_tokens <= k)).all())):
-        raise ValueError(f"num_draft_tokens must be [B] = [{batch}] with values in [0, {k}]")
+    if num_draft_tokens is not None and num_draft_tokens.device.type == "cpu" and not bool(((num_draft_tokens >= 0) & (num_draft_tokens <= k)).all()):
+        raise ValueError(f"num_draft_tokens must hold values in [0, {k}]")
     device = target_probs.device
     ids = draft_token_ids.to(device=device, dtype=torch.long)
     p = target_probs.float()
@@ -120,7 +129,11 @@ def rejection_sample(
     # A bonus position (no draft there) samples p itself; a zero residual can only arise
     # when p == q up to rounding, where p is the right law anyway.
     dist = torch.where(is_bonus | (residual.sum(-1, keepdim=True) <= 0), p_at, residual)
-    extra = torch.multinomial(dist / dist.sum(-1, keepdim=True), 1, generator=generator).squeeze(1)
+    # One draw per row by the exponential race: argmax_x dist(x) / E_x with E_x ~ Exp(1) picks x with
+    # probability dist(x) / sum(dist). torch.multinomial does the same inside, after host-side
+    # validity checks that stall a GPU (two .item() calls).
+    race = torch.empty_like(dist).exponential_(1.0, generator=generator).clamp_min_(1e-30)  # never 0: 0/0 would be NaN
+    extra = (dist / race).argmax(dim=-1)
     out = torch.full((batch, k + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=device)
     keep = positions.unsqueeze(0) < num_accepted.unsqueeze(1)
     out[:, :k] = torch.where(keep, ids, out[:, :k])

@@ -7,7 +7,9 @@
   :mod:`.cuda_runner` its CUDA version (pinned uploads, CUDA-graph decode, ``enforce_eager``);
 - :mod:`.llm` ``LLM``, the offline API; :mod:`.async_engine` the asyncio front (Part 6);
 - :mod:`.sampling`, :mod:`.outputs`, and :mod:`.spec_decode` / :mod:`.draft_model`
-  (speculative decoding, Part 5).
+  (speculative decoding, Part 5: a step strategy the engine calls through
+  :mod:`.step_protocol`; :mod:`.spec_verify` verification, :mod:`.spec_policy` the
+  per-step on/off rule, :mod:`.ngram_index` the GPU path's proposer).
 
 May import: :mod:`servinglab.model`, :mod:`servinglab.interfaces`,
 :mod:`servinglab.sequence`, :mod:`servinglab.impl`. Never serving, bench or course.

@@ -12,13 +12,18 @@ untouched):
   run padded to that size over static buffers and replay a CUDA graph
   (:class:`~servinglab.model.cuda_graphs.CUDAGraphRunner`); with ``enforce_eager``
   (vLLM's flag) the same padded step is launched eagerly, so both modes give the same
-  tokens. Prefills, mixed steps, speculative verification and batches beyond the
-  largest capture size run eagerly, unpadded;
+  tokens. Speculative verification steps whose sequences all decode (each brings its
+  last token and ``d <= k`` drafts) replay the graphs of a second runner with ``1 + k``
+  query rows per lane (:meth:`CudaModelRunner.execute_verify`; lanes with fewer drafts
+  are padded). Prefills, mixed steps and batches beyond the largest capture size run
+  eagerly, unpadded;
 - the step's one device-to-host transfer is the sampler's ``argmax(...).tolist()``
   (and one draw per non-greedy row, as on the CPU: sampling stays exact).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -26,6 +31,7 @@ import torch
 from servinglab.engine.config import EngineConfig
 from servinglab.engine.runner import ModelRunner
 from servinglab.interfaces import SchedulerOutput
+from servinglab.model.attention_backend import MAX_DECODE_QUERY_LEN
 from servinglab.model.cuda_graphs import CUDAGraphRunner
 from servinglab.model.llama import KVCache, LlamaForCausalLM
 from servinglab.sequence import Sequence
@@ -47,16 +53,17 @@ class PinnedUploader:
     def __init__(self, device: torch.device, capacity: int = 1 << 20) -> None:
         self.device = device
         self._grow(capacity)
-        self.copied = torch.cuda.Event()
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
 
     def _grow(self, capacity: int) -> None:
-        self.host = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
+        self.host = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         self.host_np = self.host.numpy()
         self.dev = torch.empty(capacity, dtype=torch.uint8, device=self.device)
 
     def upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         total = sum(-(-a.nbytes // 8) * 8 for a in arrays.values())
-        self.copied.synchronize()
+        if self.copied is not None:
+            self.copied.synchronize()
         if total > self.host.numel():
             self._grow(max(total, 2 * self.host.numel()))
         offset, spans = 0, {}
@@ -67,7 +74,8 @@ class PinnedUploader:
             offset += -(-array.nbytes // 8) * 8
         dev = self.dev[:offset]
         dev.copy_(self.host[:offset], non_blocking=True)
-        self.copied.record()
+        if self.copied is not None:
+            self.copied.record()
         return {
             name: dev[o : o + n].view(torch.from_numpy(np.empty(0, dtype)).dtype).view(shape)
             for name, (o, n, dtype, shape) in spans.items()
@@ -82,16 +90,23 @@ class CudaModelRunner(ModelRunner):
         max_num_seqs: the scheduler's largest batch (caps the capture sizes).
         max_model_len: longest sequence (block-table width of the graphs).
         enforce_eager: never use CUDA graphs (vLLM's flag).
+        num_speculative_tokens: ``k`` of ``speculative_config`` (0: none); with ``k`` the
+            runner also captures verification steps of ``1 + k`` rows per sequence.
+        capture_sizes: batch sizes to capture (default: vLLM's, up to ``max_num_seqs``;
+            ``EngineConfig.extra["cuda_graph_sizes"]``, vLLM's ``cuda_graph_sizes``).
     """
 
     def __init__(
         self, model: LlamaForCausalLM, kv_caches: list[KVCache], block_size: int, device: torch.device | str,
-        max_num_seqs: int, max_model_len: int, enforce_eager: bool = False,
+        max_num_seqs: int, max_model_len: int, enforce_eager: bool = False, num_speculative_tokens: int = 0,
+        capture_sizes: list[int] | None = None,
     ) -> None:
         super().__init__(model, kv_caches, block_size, device)
-        if self.device.type != "cuda":
-            raise ValueError(f"CudaModelRunner needs a CUDA device, got {self.device}")
         from servinglab.model.gpu_ops import enable_gpu_kernels  # imports Triton: CUDA only
+        from servinglab.model.triton.interpret import interpreting
+
+        if self.device.type != "cuda" and not (interpreting() and enforce_eager):  # CPU tests: interpreted kernels, no graphs
+            raise ValueError(f"CudaModelRunner needs a CUDA device, got {self.device}")
 
         enable_gpu_kernels(model)
         self.uploader = PinnedUploader(self.device)
@@ -104,9 +119,20 @@ class CudaModelRunner(ModelRunner):
         # each captured size gets one graph per context bucket: short contexts then run
         # few, full splits rather than many empty ones.
         self.graphs = CUDAGraphRunner(model, kv_caches, max_num_seqs, max_blocks, max_model_len,
-                                      context_buckets=list(CONTEXT_BUCKETS))
+                                      capture_sizes=capture_sizes, context_buckets=list(CONTEXT_BUCKETS))
         if not enforce_eager:
             self.graphs.capture()
+        self.num_verify_steps = 0  # verification steps on the uniform (1 + k rows per lane) path
+        self.num_verify_graph_steps = 0  # of those, steps that replayed a graph
+        self.verify_graphs: CUDAGraphRunner | None = None
+        if num_speculative_tokens > 0:
+            q = num_speculative_tokens + 1
+            # A lane's context counts all 1 + k rows, padding included: the table reaches k positions further.
+            self.verify_graphs = CUDAGraphRunner(model, kv_caches, max_num_seqs, -(-(max_model_len + q) // block_size),
+                                                 max_model_len + q, capture_sizes=capture_sizes, context_buckets=list(CONTEXT_BUCKETS),
+                                                 query_len=q, pool=self.graphs.pool)
+            if not enforce_eager:
+                self.verify_graphs.capture()
 
     def upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """One pinned buffer, one non-blocking copy (see :class:`PinnedUploader`)."""
@@ -162,11 +188,79 @@ class CudaModelRunner(ModelRunner):
         return [item.seq for item in out.scheduled], logits
 
 
+    def _fill_verify(self, out: SchedulerOutput, block_tables: dict[int, list[int]], num_draft_tokens: Mapping[int, int]
+                     ) -> tuple[int, int, int, np.ndarray] | None:
+        """Write a verification step (every sequence decodes: its last token and ``d`` drafts) into the
+        verify graphs' pinned buffer; ``(n, padded size, longest context, drafts per lane)`` or ``None``."""
+        graphs = self.verify_graphs
+        n = len(out.scheduled)
+        size = None if graphs is None else graphs.padded_size(n)
+        if size is None:
+            return None
+        q, bs, width, slot_of = graphs.query_len, self.block_size, graphs.max_blocks, self.slot_of
+        ids, pos, slots, ctx, tables = graphs.host_inputs(size)
+        num_drafts = np.zeros(n, dtype=np.int64)
+        longest = 0
+        for i, item in enumerate(out.scheduled):
+            seq = item.seq
+            d = num_draft_tokens.get(seq.seq_id, 0)
+            p = seq.num_computed_tokens  # the last real token's position
+            if item.num_new_tokens != 1 + d or p + 1 + d != seq.num_tokens or p < seq.num_prompt_tokens or d >= q:
+                return None  # a prefill, a chunk or a cut-short verification: the general path
+            table = block_tables.get(seq.seq_id)
+            used = (p + d) // bs + 1
+            if table is None or len(table) < used:
+                raise ValueError(f"{seq} needs {used} blocks for {p + d + 1} tokens, has {0 if table is None else len(table)}")
+            if (p + q - 1) // bs >= width:
+                return None
+            out_ids, first = seq.output_token_ids, p - seq.num_prompt_tokens
+            for j in range(q):  # scalar writes: cheaper than NumPy slicing for a handful of rows
+                row = i * q + j
+                if j <= d:
+                    ids[row], pos[row] = out_ids[first + j], p + j
+                    slots[row] = slot_of(seq.seq_id, p + j) if slot_of is not None else table[(p + j) // bs] * bs + (p + j) % bs
+                else:  # padding: writes nothing, any valid RoPE position, output never read
+                    ids[row], pos[row], slots[row] = 0, p + d, -1
+            ctx[i] = p + q  # rows sit at p .. p + q - 1: the real ones see only real, written positions
+            tables[i, :used] = table[:used]
+            num_drafts[i] = d
+            longest = max(longest, p + q)
+        return n, size, longest, num_drafts
+
+    def execute_verify(self, out: SchedulerOutput, block_tables: dict[int, list[int]], num_draft_tokens: Mapping[int, int]
+                       ) -> tuple[list[Sequence], torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A verification step as one graph replay, or ``None`` when it must take :meth:`execute_speculative`.
+
+        Returns:
+            ``(seqs, logits [n, 1 + k, V] float32, draft ids [n, k] int64, drafts per sequence [n] int64)``,
+            all on the device: row ``j`` of ``logits[i]`` is the target's next-token logits after
+            ``j`` drafts of ``seqs[i]``; rows and ids past a sequence's own drafts are padding.
+        """
+        step = self._fill_verify(out, block_tables, num_draft_tokens)
+        if step is None:
+            return None
+        n, size, longest, num_drafts = step
+        graphs = self.verify_graphs
+        self.copy_blocks(out.block_copies)
+        with torch.inference_mode():
+            hidden = graphs.replay(n, size, longest)
+            logits = self.model.compute_logits(hidden).view(n, graphs.query_len, -1)
+            ids = graphs.static[: n * graphs.query_len].view(n, graphs.query_len)[:, 1:].long()
+        counts = self.upload({"num_drafts": num_drafts})["num_drafts"]
+        self.num_verify_steps += 1
+        self.num_verify_graph_steps += graphs.captured
+        return [item.seq for item in out.scheduled], logits, ids, counts
+
+
 def make_runner(
     model: LlamaForCausalLM, kv_caches: list[KVCache], config: EngineConfig, device: torch.device, max_model_len: int,
 ) -> ModelRunner:
     """The runner for ``device``: :class:`CudaModelRunner` on CUDA, :class:`ModelRunner` elsewhere."""
     if device.type == "cuda" and isinstance(model, LlamaForCausalLM):
+        spec = config.speculative_config
+        k = spec.get("num_speculative_tokens", 0) if isinstance(spec, Mapping) else 0
+        k = k if isinstance(k, int) and not isinstance(k, bool) else 0  # a bad value: the decoder's validation names it
         return CudaModelRunner(model, kv_caches, config.block_size, device, config.max_num_seqs, max_model_len,
-                               config.enforce_eager)
+                               config.enforce_eager, num_speculative_tokens=k if 0 < k < MAX_DECODE_QUERY_LEN else 0,
+                               capture_sizes=config.extra.get("cuda_graph_sizes"))
     return ModelRunner(model, kv_caches, config.block_size, device)

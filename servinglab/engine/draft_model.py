@@ -24,6 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from servinglab.engine.spec_config import SpeculativeConfig
+from servinglab.engine.step_protocol import EngineHost
+
 
 def build_draft_model(target_hf_model: nn.Module, num_layers: int) -> nn.Module:
     """The target's first ``num_layers`` layers + its final norm + its LM head, weights shared.
@@ -89,3 +92,29 @@ def cached_logits_fn(model: nn.Module) -> Callable[[list[int]], torch.Tensor]:
         return out.logits[0].float()
 
     return fn
+
+
+def draft_for_engine(cfg: SpeculativeConfig, engine: EngineHost) -> nn.Module:
+    """The ``draft`` method's model: an early exit of the engine's target (weights copied once
+    into transformers), or ``cfg.model`` (a folder or a transformers model of the same vocabulary)."""
+    target_vocab = engine.hf_config.vocab_size
+    if cfg.model is not None:
+        draft = cfg.model
+        if isinstance(draft, str):
+            from transformers import AutoModelForCausalLM
+
+            draft = AutoModelForCausalLM.from_pretrained(draft, dtype=engine.config.torch_dtype).to(engine.device)
+        vocab = getattr(getattr(draft, "config", None), "vocab_size", None)
+        if vocab != target_vocab:
+            raise ValueError(f"speculative_config['model'] has vocab_size {vocab}, the target has {target_vocab}: "
+                             "rejection sampling compares the two distributions token by token")
+        return draft.eval()
+    from servinglab.model.weights import to_transformers  # imported here: only the draft method needs it
+
+    total = engine.hf_config.num_hidden_layers
+    layers = cfg.draft_num_layers if cfg.draft_num_layers is not None else max(1, total // 4)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers < total:
+        raise ValueError(f"speculative_config['draft_num_layers'] must be an integer in [1, {total - 1}], got {layers!r}")
+    hf = to_transformers(engine.model)
+    hf.set_attn_implementation("sdpa")  # the oracle's eager attention is the slow path
+    return build_draft_model(hf, layers)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -21,41 +20,11 @@ from servinglab.impl import load_part
 from servinglab.interfaces import SchedulerOutput
 from servinglab.engine.output_processor import OutputProcessor
 from servinglab.engine.outputs import RequestMetrics, RequestOutput
+from servinglab.engine.step_protocol import RequestState, StepRecord, StepStrategy
 from servinglab.engine.stall import raise_if_stalled
 from servinglab.engine.cuda_runner import make_runner
 from servinglab.engine.sampling import SamplingParams, make_generator, sample, sample_each
 from servinglab.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class StepRecord:
-    """What one step ran, for timelines and utilization plots."""
-
-    index: int
-    start: float
-    end: float
-    scheduled: list[tuple[int, int, bool]]  # (seq_id, num_new_tokens, was_prefill)
-    preempted: list[int]
-    kv_usage: float
-    num_waiting: int
-
-
-@dataclass
-class RequestState:
-    """The engine's record of one request: its sequences (completion i is ``seqs[i]``), generators, metrics."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    metrics: RequestMetrics
-    stream: bool = False
-    seqs: list[Sequence] = field(default_factory=list)  # index i is completion i (forks appended later)
-    generators: dict[int, torch.Generator | None] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
 
 
 class LLMEngine:
@@ -121,7 +90,8 @@ class LLMEngine:
             else self.tp_executor.start_cache(self.num_kv_blocks)  # every rank allocates its share of the blocks
         if hasattr(self.runner, "slot_of"):
             self.runner.slot_of = self.block_manager.get_slot  # every step's slot mapping comes from Part 2
-        self.spec_decoder = None  # speculative decoding (servinglab.engine.spec_decode), when configured
+        # Speculative decoding (servinglab.engine.spec_decode), when configured: a StepStrategy the step delegates to.
+        self.spec_decoder: StepStrategy | None = None
         if config.speculative_config is not None:
             from servinglab.engine.spec_decode import SpeculativeDecoder
 
@@ -134,6 +104,7 @@ class LLMEngine:
         self.num_steps = 0
         # Servers set it: a failure of one request's own sampling or forks aborts that request alone (kept in `failed`).
         self.isolate_failures, self.failed = False, {}
+        self.last_step_had_prefill = False  # whether the last plain step computed a prefill (chunk)
 
     # ---------------------------------------------------------------- requests
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -216,12 +187,17 @@ class LLMEngine:
         """Run one iteration; return outputs of requests that progressed (finished ones last time)."""
         if self.spec_decoder is not None:  # draft, verify in one pass, roll back: spec_decode.py
             return self.spec_decoder.step(self)
+        return self.plain_step()
+
+    def plain_step(self) -> list[RequestOutput]:
+        """One iteration without speculation (a step strategy may call it for steps it does not speculate in)."""
         start = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
             raise_if_stalled(self.scheduler, self.block_manager)
             return []
         was_prefill = [s.seq.is_prefill for s in out.scheduled]
+        self.last_step_had_prefill = any(was_prefill)
         seqs, logits = self.runner.execute(out, self.block_manager.block_tables)
         for item in out.scheduled:
             seq = item.seq

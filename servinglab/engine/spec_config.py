@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("ngram", "draft")
-_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "draft_num_layers", "model")
+METHODS = ("ngram", "draft", "custom")
+_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "draft_num_layers", "model",
+         "proposer", "disable_by_batch_size", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -19,11 +20,18 @@ class SpeculativeConfig:
     """A validated ``speculative_config`` (vLLM's dict shape).
 
     Attributes:
-        method: ``ngram`` (prompt lookup) or ``draft`` (an early exit of the target, or ``model``).
+        method: ``ngram`` (prompt lookup), ``draft`` (an early exit of the target, or
+            ``model``) or ``custom`` (``proposer``: any object with ``propose(token_ids) ->
+            list[int]``, e.g. the benchmark's controlled-acceptance proposer).
         num_speculative_tokens: ``k``, the most drafts verified per sequence per step.
         prompt_lookup_min, prompt_lookup_max: n-gram sizes the ``ngram`` proposer tries.
         draft_num_layers: layers of the early-exit draft (default: a quarter of the target's).
         model: a separate draft: a Hugging Face folder or a transformers causal LM (``draft`` only).
+        proposer: the ``custom`` method's proposer.
+        disable_by_batch_size: no speculation in steps of at least this many decoding
+            sequences (vLLM's key; :mod:`servinglab.engine.spec_policy`).
+        adaptive: the measured per-step rule of :mod:`servinglab.engine.spec_policy`
+            (``None``: on with CUDA, off on a CPU).
     """
 
     method: str
@@ -32,6 +40,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 3
     draft_num_layers: int | None = None
     model: Any = None
+    proposer: Any = None
+    disable_by_batch_size: int | None = None
+    adaptive: bool | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SpeculativeConfig:
@@ -55,6 +66,13 @@ class SpeculativeConfig:
                              f"({cfg.prompt_lookup_min}), got {cfg.prompt_lookup_max!r}")
         if cfg.method != "draft" and (cfg.model is not None or cfg.draft_num_layers is not None):
             raise ValueError("speculative_config['model'] and ['draft_num_layers'] need method 'draft'")
+        if (cfg.method == "custom") != (cfg.proposer is not None) or (cfg.proposer is not None and not callable(getattr(cfg.proposer, "propose", None))):
+            raise ValueError("speculative_config['proposer'] (an object with propose(token_ids) -> list[int]) goes with method 'custom', and only there")
+        limit = cfg.disable_by_batch_size
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"speculative_config['disable_by_batch_size'] must be an integer >= 1 or None, got {limit!r}")
+        if cfg.adaptive is not None and not isinstance(cfg.adaptive, bool):
+            raise ValueError(f"speculative_config['adaptive'] must be True, False or None, got {cfg.adaptive!r}")
         return cfg
 
 

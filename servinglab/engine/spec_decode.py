@@ -17,6 +17,15 @@ Drafts never take what the plain step would need: they are capped by the token b
 left after the running sequences' own tokens, by free blocks beyond one per running
 sequence, by ``max_tokens`` and by ``max_model_len``. So speculation never causes a
 preemption the plain engine would not have made. Prefill steps are unchanged.
+
+On a GPU (:mod:`servinglab.engine.cuda_runner`) a step whose sequences all decode is one
+CUDA-graph replay of ``1 + k`` query rows per sequence, and the student's
+``rejection_sample`` verifies the whole batch on the device with one device-to-host
+copy (:func:`servinglab.engine.spec_verify.verify_batch`); the n-gram proposer is an
+incremental index (:mod:`servinglab.engine.ngram_index`). Whether a step speculates at
+all is the rule of :mod:`servinglab.engine.spec_policy` (never slower than plain).
+The decoder is the engine's step *strategy*: it sees the engine only through
+:class:`~servinglab.engine.step_protocol.EngineHost`.
 """
 
 from __future__ import annotations
@@ -24,22 +33,24 @@ from __future__ import annotations
 import collections
 import itertools
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from servinglab.engine.draft_model import cached_logits_fn
+from servinglab.engine.draft_model import cached_logits_fn, draft_for_engine
+from servinglab.engine.ngram_index import NgramIndex
+from servinglab.engine.outputs import RequestOutput
 from servinglab.engine.spec_config import SpecDecodeStats, SpeculativeConfig
+from servinglab.engine.spec_policy import SpecPolicy
+from servinglab.engine.spec_verify import check_batched, verify_batch, verify_rows
 from servinglab.engine.stall import raise_if_stalled
-from servinglab.impl import load_part
-from servinglab.engine.sampling import SamplingParams, probabilities, sample
+from servinglab.engine.step_protocol import EngineHost, RequestState
+from servinglab.impl import current_impl, load_part
+from servinglab.engine.sampling import SamplingParams, sample
 from servinglab.sequence import Sequence, SequenceStatus
-
-if TYPE_CHECKING:
-    from servinglab.engine.engine import LLMEngine, RequestState
-    from servinglab.engine.outputs import RequestOutput
 
 _KEEP_STATS = 4096  # finished requests whose counters stay readable (a server must not grow forever)
 
@@ -52,9 +63,16 @@ class _Draft:
 
 
 class SpeculativeDecoder:
-    """Runs the engine's steps with speculation (built by ``LLMEngine`` from ``speculative_config``)."""
+    """Runs the engine's steps with speculation (built by ``LLMEngine`` from ``speculative_config``).
 
-    def __init__(self, raw_config: Mapping[str, Any], engine: LLMEngine) -> None:
+    Attributes:
+        not_batched: why the student's ``rejection_sample`` is not batched tensor code
+            (``None`` when it is); then verification stays on the per-row path, and on a
+            GPU the engine warns once at start-up.
+        policy: the per-step on/off rule (:class:`~servinglab.engine.spec_policy.SpecPolicy`).
+    """
+
+    def __init__(self, raw_config: Mapping[str, Any], engine: EngineHost) -> None:
         self.config = cfg = SpeculativeConfig.from_dict(raw_config)
         self.spec = load_part("speculative")
         self.k = cfg.num_speculative_tokens
@@ -62,50 +80,51 @@ class SpeculativeDecoder:
         self.request_stats: collections.OrderedDict[str, SpecDecodeStats] = collections.OrderedDict()
         self._draft_lms: dict[int, Any] = {}  # seq_id -> DraftModelProposer with its own KV cache
         self.propose_seconds = 0.0  # wall time spent drafting: the "c" of Leviathan's speedup formula
+        on_gpu = engine.device.type == "cuda"
+        self.policy = SpecPolicy(cfg.disable_by_batch_size, on_gpu if cfg.adaptive is None else cfg.adaptive)
+        self.not_batched = check_batched(self.spec.rejection_sample, engine.device)
+        self.graph_verify = hasattr(engine.runner, "execute_verify") and self.not_batched is None
+        if self.not_batched is not None and on_gpu:
+            warnings.warn(f"rejection_sample in {current_impl()}/speculative.py is not batched tensor code: {self.not_batched}. "
+                          "Speculative verification falls back to the eager per-row path (no CUDA graph, one device "
+                          "round trip per sequence), which is slower than plain decoding on a GPU.", RuntimeWarning, stacklevel=3)
+        self._indexes: dict[int, NgramIndex] = {}  # seq_id -> n-gram index (GPU path)
         if cfg.method == "ngram":
             self.ngram = self.spec.NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max, self.k)
-        else:
-            self.draft_model = self._build_draft(cfg, engine)
-
-    @staticmethod
-    def _build_draft(cfg: SpeculativeConfig, engine: LLMEngine) -> torch.nn.Module:
-        """An early exit of the target (weights copied once into transformers), or ``cfg.model``."""
-        target_vocab = engine.hf_config.vocab_size
-        if cfg.model is not None:
-            draft = cfg.model
-            if isinstance(draft, str):
-                from transformers import AutoModelForCausalLM
-
-                draft = AutoModelForCausalLM.from_pretrained(draft, dtype=engine.config.torch_dtype).to(engine.device)
-            vocab = getattr(getattr(draft, "config", None), "vocab_size", None)
-            if vocab != target_vocab:
-                raise ValueError(f"speculative_config['model'] has vocab_size {vocab}, the target has {target_vocab}: "
-                                 "rejection sampling compares the two distributions token by token")
-            return draft.eval()
-        from servinglab.engine.draft_model import build_draft_model
-        from servinglab.model.weights import to_transformers  # imported here: only the draft method needs it
-
-        total = engine.hf_config.num_hidden_layers
-        layers = cfg.draft_num_layers if cfg.draft_num_layers is not None else max(1, total // 4)
-        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers < total:
-            raise ValueError(f"speculative_config['draft_num_layers'] must be an integer in [1, {total - 1}], got {layers!r}")
-        hf = to_transformers(engine.model)
-        hf.set_attn_implementation("sdpa")  # the oracle's eager attention is the slow path
-        return build_draft_model(hf, layers)
+            self.fast_ngram = on_gpu  # the incremental index proposes what the student's search would, in O(1)
+        elif cfg.method == "draft":
+            self.draft_model = draft_for_engine(cfg, engine)
 
     # ------------------------------------------------------------------ proposing
-    def _propose(self, engine: LLMEngine) -> tuple[dict[int, _Draft], set[int]]:
+    @staticmethod
+    def _decoding(engine: EngineHost) -> list[Sequence]:
+        return [s for s in engine.scheduler.running if s.status is SequenceStatus.RUNNING and s.num_uncomputed_tokens == 1
+                and s.num_computed_tokens >= s.num_prompt_tokens]
+
+    def _draft_tokens(self, seq: Sequence, room: int) -> list[int]:
+        """A deterministic proposer's drafts for ``seq`` (at most ``room``)."""
+        if self.config.method == "custom":
+            return list(self.config.proposer.propose(seq.token_ids))[:room]
+        if not self.fast_ngram:
+            return list(self.ngram.propose(seq.token_ids))[:room]
+        index = self._indexes.get(seq.seq_id)
+        if index is None:
+            cfg = self.config
+            index = self._indexes[seq.seq_id] = NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max, self.k)
+        return index.propose(seq.token_ids)[:room]
+
+    def _propose(self, engine: EngineHost, decoding: list[Sequence]) -> tuple[dict[int, _Draft], set[int]]:
         """Append drafts to decoding sequences; return them and the ids of all decoding sequences."""
         sched, bm, bs = engine.scheduler, engine.block_manager, engine.config.block_size
         running = list(sched.running)
-        decoding = [s for s in running if s.status is SequenceStatus.RUNNING and s.num_uncomputed_tokens == 1
-                    and s.num_computed_tokens >= s.num_prompt_tokens]
         ids = {s.seq_id for s in decoding}
         # Drafts take only what the plain step leaves: its tokens, and one block per running sequence.
         budget = engine.config.max_num_batched_tokens - sum(1 if s.seq_id in ids else s.num_uncomputed_tokens for s in running)
         free_blocks = bm.num_free_blocks - len(running)
         if self.config.method == "draft":  # drop KV caches of sequences that left the batch
             self._draft_lms = {i: p for i, p in self._draft_lms.items() if i in ids}
+        if self._indexes and len(self._indexes) > 2 * len(ids) + 64:  # forget finished sequences now and then
+            self._indexes = {i: x for i, x in self._indexes.items() if i in ids}
         drafts: dict[int, _Draft] = {}
         for seq in decoding:
             p: SamplingParams = seq.sampling_params
@@ -117,8 +136,8 @@ class SpeculativeDecoder:
             if room <= 0:
                 continue
             probs = None
-            if self.config.method == "ngram":
-                tokens = list(self.ngram.propose(seq.token_ids))[:room]
+            if self.config.method != "draft":
+                tokens = self._draft_tokens(seq, room)
             else:  # one draft KV cache per sequence, rolled back to the common prefix on each call
                 if seq.seq_id not in self._draft_lms:
                     self._draft_lms[seq.seq_id] = self.spec.DraftModelProposer(cached_logits_fn(self.draft_model), self.k)
@@ -137,37 +156,18 @@ class SpeculativeDecoder:
         for d in drafts.values():
             del d.seq.output_token_ids[len(d.seq.output_token_ids) - len(d.tokens) :]
 
-    # ------------------------------------------------------------------ verifying
-    def _verify(self, items: list[tuple[_Draft, torch.Tensor, torch.Generator | None]]) -> list[tuple[list[int], int]]:
-        """Rejection-sample each ``(draft, logits [v + 1, V], generator)``; unseeded rows share one batched call,
-        a seeded row gets its own so its random stream does not depend on its batch."""
-        groups: dict[object, list[int]] = collections.defaultdict(list)
-        for i, (d, _, gen) in enumerate(items):
-            groups[("shared", d.probs is None) if gen is None else ("own", i)].append(i)
-        results: list[tuple[list[int], int]] = [([], 0)] * len(items)
-        for rows in groups.values():
-            vs = [items[i][1].shape[0] - 1 for i in rows]
-            width, (_, vocab), dev = max(vs), items[rows[0]][1].shape, items[rows[0]][1].device
-            ids = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
-            target = torch.zeros(len(rows), width + 1, vocab, device=dev)
-            q = None if items[rows[0]][0].probs is None else torch.zeros(len(rows), width, vocab, device=dev)
-            for b, (i, v) in enumerate(zip(rows, vs)):
-                d, logits, _ = items[i]
-                ids[b, :v] = torch.tensor(d.tokens[:v])
-                target[b, : v + 1] = probabilities(logits, d.seq.sampling_params)
-                if q is not None:
-                    q[b, :v] = d.probs[:v]
-            out, acc = self.spec.rejection_sample(ids, q, target, items[rows[0]][2], torch.tensor(vs, device=dev))
-            for b, i in enumerate(rows):
-                n = int(acc[b])
-                results[i] = (out[b, : n + 1].tolist(), n)
-        return results
-
     # ------------------------------------------------------------------ the step
-    def step(self, engine: LLMEngine) -> list[RequestOutput]:
+    def step(self, engine: EngineHost) -> list[RequestOutput]:
         """One engine iteration with speculation (the plain step's contract: outputs of requests that progressed)."""
         start = time.perf_counter()
-        drafts, decoding = self._propose(engine)
+        decoding = self._decoding(engine)
+        # With the measured rule (the GPU default), steps that prefill do not speculate: they run
+        # eagerly, and verifying there costs a round trip per sequence (the graph path needs all-decode steps).
+        running = len(engine.scheduler.running)
+        prefilling = len(decoding) < running or (len(engine.scheduler.waiting) > 0 and running < engine.config.max_num_seqs)
+        if (self.policy.adaptive and prefilling) or not self.policy.should_speculate(len(decoding)):
+            return self._plain(engine, decoding, start)
+        drafts, decoding_ids = self._propose(engine, decoding)
         self.propose_seconds += time.perf_counter() - start
         try:
             out = engine.scheduler.schedule()
@@ -180,27 +180,83 @@ class SpeculativeDecoder:
             return []
         was_prefill = [s.seq.seq_id not in drafts and s.seq.is_prefill for s in out.scheduled]
         bm = engine.block_manager
-        seqs, logits, num_logits = engine.runner.execute_speculative(out, bm.block_tables, {i: len(d.tokens) for i, d in drafts.items()})
+        counts = {i: len(d.tokens) for i, d in drafts.items()}
+        graph = engine.runner.execute_verify(out, bm.block_tables, counts) if self.graph_verify else None
+        if graph is None:
+            seqs, logits, num_logits = engine.runner.execute_speculative(out, bm.block_tables, counts)
+            row_start = list(itertools.accumulate(num_logits, initial=0))
+            first_rows = logits[row_start[:-1]] if seqs else logits
+        else:
+            seqs, logits3, draft_ids, num_drafts = graph
+            first_rows = logits3[:, 0]
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             if item.seq.seq_id not in drafts:  # speculating sequences publish after the rollback
                 bm.cache_blocks(item.seq.seq_id, item.seq.token_ids, item.seq.num_computed_tokens)
         self._strip(drafts)
-        now = time.perf_counter()
-        row_start = list(itertools.accumulate(num_logits, initial=0))
+        if graph is None:
+            emitted = self._emit_rows(engine, seqs, drafts, logits, num_logits, row_start)
+        else:
+            emitted = self._emit_batch(engine, seqs, drafts, logits3, draft_ids, num_drafts)
+        outputs = self._commit(engine, seqs, drafts, decoding_ids, emitted, first_rows)
+        engine.num_steps += 1
+        if engine.record_steps:
+            engine.log_step(start, out, was_prefill)
+        if not any(was_prefill) and seqs:
+            self.policy.record(len(seqs), True, time.perf_counter() - start,
+                               sum(len(t) for t, _, _ in emitted.values()) / len(seqs))
+        return outputs
+
+    def _plain(self, engine: EngineHost, decoding: list[Sequence], start: float) -> list[RequestOutput]:
+        """A step the rule does not speculate in: the engine's own plain step, timed for the rule."""
+        before = {s.seq_id: (s, s.num_tokens) for s in decoding}
+        outputs = engine.plain_step()
+        if decoding and not engine.last_step_had_prefill:
+            self.policy.record(len(decoding), False, time.perf_counter() - start)
+        for seq, n in before.values():
+            if seq.num_tokens > n:
+                self._record(seq.request_id, 0, 0, seq.num_tokens - n)
+        return outputs
+
+    def _emit_rows(self, engine: EngineHost, seqs: list[Sequence], drafts: Mapping[int, _Draft], logits: torch.Tensor,
+                   num_logits: list[int], row_start: list[int]) -> dict[int, tuple[list[int], int, int]]:
+        """Eager path: ``index -> (tokens, drafts verified, accepted)``; plain rows sampled, speculating ones verified per row."""
         plain = [i for i, n in enumerate(num_logits) if n == 1]
         spec = [i for i, n in enumerate(num_logits) if n > 1]
-        emitted: dict[int, tuple[list[int], int, int]] = {}  # index -> (tokens, drafts verified, accepted)
+        emitted: dict[int, tuple[list[int], int, int]] = {}
         if plain:
             rows = [row_start[i] for i in plain]
             gens = [engine.generator_of(seqs[i]) for i in plain]
             tokens = sample(logits[rows], [seqs[i].sampling_params for i in plain], gens)
             emitted.update({i: ([t], 0, 0) for i, t in zip(plain, tokens)})
         if spec:
-            items = [(drafts[seqs[i].seq_id], logits[row_start[i] : row_start[i + 1]],
-                      engine.generator_of(seqs[i])) for i in spec]
-            for i, (toks, acc) in zip(spec, self._verify(items)):
+            items = [drafts[seqs[i].seq_id] for i in spec]
+            results = verify_rows(self.spec.rejection_sample, [(d.tokens, d.probs) for d in items],
+                                  [logits[row_start[i] : row_start[i + 1]] for i in spec],
+                                  [seqs[i].sampling_params for i in spec], [engine.generator_of(seqs[i]) for i in spec])
+            for i, (toks, acc) in zip(spec, results):
                 emitted[i] = (toks, num_logits[i] - 1, acc)
+        return emitted
+
+    def _emit_batch(self, engine: EngineHost, seqs: list[Sequence], drafts: Mapping[int, _Draft], logits: torch.Tensor,
+                    draft_ids: torch.Tensor, num_drafts: torch.Tensor) -> dict[int, tuple[list[int], int, int]]:
+        """Graph path: the whole padded batch through the student's sampler on the device."""
+        q = None
+        if self.config.method == "draft":
+            q = torch.zeros(len(seqs), self.k, logits.shape[-1], device=logits.device)
+            for i, seq in enumerate(seqs):
+                d = drafts.get(seq.seq_id)
+                if d is not None and d.probs is not None:
+                    q[i, : len(d.tokens)] = d.probs
+        results = verify_batch(self.spec.rejection_sample, logits, draft_ids, num_drafts, q,
+                               [s.sampling_params for s in seqs], [engine.generator_of(s) for s in seqs])
+        return {i: (toks, len(drafts[s.seq_id].tokens) if s.seq_id in drafts else 0, acc)
+                for i, (s, (toks, acc)) in enumerate(zip(seqs, results))}
+
+    def _commit(self, engine: EngineHost, seqs: list[Sequence], drafts: Mapping[int, _Draft], decoding: set[int],
+                emitted: Mapping[int, tuple[list[int], int, int]], first_rows: torch.Tensor) -> list[RequestOutput]:
+        """Roll speculating sequences back to their kept tokens, append the emitted tokens, fork ``n > 1`` requests."""
+        bm, now = engine.block_manager, time.perf_counter()
         touched: dict[str, RequestState] = {}
         for i, seq in enumerate(seqs):
             req, (toks, verified, acc) = engine.request_of(seq), emitted[i]
@@ -218,10 +274,7 @@ class SpeculativeDecoder:
             if seq.seq_id in decoding:
                 self._record(req.request_id, verified, acc, kept)
             if seq.seq_id not in drafts and len(req.seqs) < req.params.n and seq is req.seqs[0]:
-                engine.fork_children(req, seq, logits[row_start[i] : row_start[i] + 1], now)
-        engine.num_steps += 1
-        if engine.record_steps:
-            engine.log_step(start, out, was_prefill)
+                engine.fork_children(req, seq, first_rows[i : i + 1], now)
         return [engine.request_output(req) for req in touched.values() if req.stream or req.finished]
 
     def _record(self, request_id: str, verified: int, accepted: int, emitted: int) -> None:

@@ -23,6 +23,13 @@ so every input lives in a static buffer the step copies into before the replay:
 The graph holds the decoder up to the final norm; the LM head runs eagerly on the real
 rows only (``n`` rows, not the padded batch).
 
+Speculative verification (``query_len = 1 + k``) is the same uniform shape with
+``query_len`` rows per lane (the last token and up to ``k`` drafts): ids, positions and
+slots hold ``query_len`` entries per lane, a lane's context length counts all of its
+``query_len`` rows, and rows past a lane's real drafts are padding (slot ``-1``: nothing
+written; their outputs are never read; the real rows before them never see them, since
+attention is causal). The engine's CUDA runner keeps one such runner beside the plain one.
+
 Without graphs (``enforce_eager``) the same padded step is launched eagerly over the
 same buffers. So both modes run the very same kernels on the very same shapes (a
 matrix product's reduction order depends on its row count, the attention split count
@@ -58,33 +65,38 @@ class CUDAGraphRunner:
         capture_sizes: batch sizes to capture (default :func:`default_capture_sizes`).
         context_buckets: ``max_context_len`` values to capture each size with (at most
             ``max_model_len``; default: ``max_model_len`` alone).
+        query_len: query rows per lane (1: decode; ``1 + k``: speculative verification).
     """
 
     def __init__(
         self, model: LlamaForCausalLM, kv_caches: list[KVCache], max_num_seqs: int, max_blocks_per_seq: int,
         max_model_len: int, capture_sizes: list[int] | None = None, context_buckets: list[int] | None = None,
+        query_len: int = 1, pool: object | None = None,
     ) -> None:
+        if query_len < 1:
+            raise ValueError(f"query_len must be >= 1, got {query_len}")
         self.model, self.kv_caches = model, kv_caches
         self.device = kv_caches[0][0].device
         self.sizes = sorted(capture_sizes or default_capture_sizes(max_num_seqs))
         self.max_batch, self.max_blocks, self.max_model_len = self.sizes[-1], max_blocks_per_seq, max_model_len
         self.buckets = sorted({min(b, max_model_len) for b in (context_buckets or [])} | {max_model_len})
+        self.query_len = q = query_len
         b = self.max_batch
-        # [ids | positions | slots | context lens | block tables], one int32 layout on both sides.
-        self._sections = [0, b, 2 * b, 3 * b, 4 * b]
-        total = 4 * b + b * max_blocks_per_seq
+        # [ids | positions | slots (query_len per lane) | context lens | block tables], one int32 layout on both sides.
+        self._sections = [0, b * q, 2 * b * q, 3 * b * q, 3 * b * q + b]
+        total = self._sections[4] + b * max_blocks_per_seq
         self.static = torch.zeros(total, dtype=torch.int32, device=self.device)
-        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=True)
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         self.host_np = self.host.numpy()
-        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=self.device)
+        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=self.device) * q
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (size, context bucket)
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
-        self.copy_done = torch.cuda.Event()
+        self.copy_done = torch.cuda.Event() if self.device.type == "cuda" else None
         # The bytes a step of each size sends: everything up to its last block-table row.
         # Views made once, not per step (each slice costs host time on the critical path).
-        ends = {n: 4 * b + n * max_blocks_per_seq for n in self.sizes}
+        ends = {n: self._sections[4] + n * max_blocks_per_seq for n in self.sizes}
         self._copy_spans = {n: (self.static[:e], self.host[:e]) for n, e in ends.items()}
-        self.pool = None
+        self.pool = pool  # a memory pool to share (the plain runner's, for the speculative one)
         self._reset_buffers()
 
     def _reset_buffers(self) -> None:
@@ -94,13 +106,13 @@ class CUDAGraphRunner:
 
     def _views(self, n: int, bucket: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids, pos, slots, ctx, tables = self._sections
-        s = self.static
+        s, t = self.static, n * self.query_len
         metadata = AttentionMetadata(
-            slot_mapping=s[slots : slots + n], block_tables=s[tables:].view(self.max_batch, self.max_blocks)[:n],
+            slot_mapping=s[slots : slots + t], block_tables=s[tables:].view(self.max_batch, self.max_blocks)[:n],
             context_lens=s[ctx : ctx + n], query_start_loc=self.query_start_loc[: n + 1],
-            max_query_len=1, max_context_len=bucket,
+            max_query_len=self.query_len, max_context_len=bucket,
         )
-        return s[ids : ids + n], s[pos : pos + n], metadata
+        return s[ids : ids + t], s[pos : pos + t], metadata
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -129,56 +141,60 @@ class CUDAGraphRunner:
     def host_inputs(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Writable NumPy views of the pinned inputs of a ``size``-lane step, to fill in place.
 
-        Returns ``(input_ids, positions, slot_mapping, context_lens, block_tables)``, the
-        first four ``[size]``, the tables ``[size, max_blocks_per_seq]``. Waits first for
+        Returns ``(input_ids, positions, slot_mapping, context_lens, block_tables)``: the
+        first three ``[size * query_len]`` (lane ``b``'s rows at ``b * query_len + i``),
+        the lengths ``[size]``, the tables ``[size, max_blocks_per_seq]``. Waits first for
         the previous step's copy to leave the buffer. A table row needs entries only
         up to its context (the kernels read no further), so rows are not cleared.
         """
-        self.copy_done.synchronize()
-        h = self.host_np
+        if self.copy_done is not None:
+            self.copy_done.synchronize()
+        h, t = self.host_np, size * self.query_len
         ids, pos, slots, ctx, tables = self._sections
-        return (h[ids : ids + size], h[pos : pos + size], h[slots : slots + size], h[ctx : ctx + size],
+        return (h[ids : ids + t], h[pos : pos + t], h[slots : slots + t], h[ctx : ctx + size],
                 h[tables : tables + size * self.max_blocks].reshape(size, self.max_blocks))
 
     def replay(self, n: int, size: int, longest: int) -> torch.Tensor:
         """Send the inputs filled through :meth:`host_inputs` (``n`` real lanes of ``size``) and run the step.
 
         Lanes ``n..size`` become padding (slot ``-1``, context 0). ``longest`` (the
-        largest context length) picks the context bucket. Returns hidden ``[n, hidden]``.
+        largest context length) picks the context bucket. Returns hidden ``[n * query_len, hidden]``.
         """
-        h = self.host_np
+        h, q = self.host_np, self.query_len
         _, _, slots, ctx, _ = self._sections
-        h[slots + n : slots + size] = -1
+        h[slots + n * q : slots + size * q] = -1
         h[ctx + n : ctx + size] = 0
         dev, host = self._copy_spans[size]
         dev.copy_(host, non_blocking=True)
-        self.copy_done.record()
+        if self.copy_done is not None:
+            self.copy_done.record()
         bucket = next((b for b in self.buckets if b >= longest), self.max_model_len)
         graph = self.graphs.get((size, bucket))
         if graph is None:  # not captured (enforce_eager): the same padded step, launched eagerly
             with torch.inference_mode():
                 ids_v, pos_v, metadata = self._views(size, bucket)
-                return self.model(ids_v, pos_v, metadata, self.kv_caches)[:n]
+                return self.model(ids_v, pos_v, metadata, self.kv_caches)[: n * q]
         graph.replay()
-        return self.outputs[size, bucket][:n]
+        return self.outputs[size, bucket][: n * q]
 
     def run(
         self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray, context_lens: np.ndarray,
         block_tables: np.ndarray,
     ) -> torch.Tensor:
-        """Replay the decode step of ``n = len(input_ids)`` sequences from whole arrays; return hidden ``[n, hidden]``.
+        """Replay the step of ``n = len(context_lens)`` lanes from whole arrays; return hidden ``[n * query_len, hidden]``.
 
         ``block_tables`` is ``[n, w]`` with ``w <= max_blocks_per_seq``. (The engine's
         runner fills :meth:`host_inputs` directly instead, saving the copies.)
         """
-        n = len(input_ids)
+        n = len(context_lens)
         size = self.padded_size(n)
         if size is None or n == 0:
             raise ValueError(f"batch of {n} is outside the captured sizes 1..{self.max_batch}")
         if block_tables.shape[1] > self.max_blocks:
             raise ValueError(f"block tables are {block_tables.shape[1]} wide, the graphs hold {self.max_blocks}")
         ids, pos, slots, ctx, tables = self.host_inputs(size)
-        ids[:n], pos[:n], slots[:n], ctx[:n] = input_ids, positions, slot_mapping, context_lens
+        t = n * self.query_len
+        ids[:t], pos[:t], slots[:t], ctx[:n] = input_ids, positions, slot_mapping, context_lens
         tables[:n, : block_tables.shape[1]] = block_tables
         return self.replay(n, size, int(context_lens.max()))
 

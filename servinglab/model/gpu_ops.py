@@ -25,6 +25,7 @@ import torch
 from servinglab.interfaces import AttentionMetadata
 from servinglab.model import attention_backend
 from servinglab.model.llama import KVCache, LlamaForCausalLM, rope_theta_of
+from servinglab.model.triton.interpret import interpreting
 from servinglab.model.triton.rmsnorm import rms_norm
 from servinglab.model.triton.rope import rope_cos_sin_cache
 from servinglab.model.triton.rope_cache import rope_and_cache_
@@ -96,7 +97,7 @@ class FusedForward:
 
 def enable_gpu_kernels(model: LlamaForCausalLM) -> FusedForward:
     """Switch a CUDA model to the Triton attention backend and the fused forward; return it."""
-    if model.lm_head_weight.device.type != "cuda":
+    if model.lm_head_weight.device.type != "cuda" and not interpreting():
         raise ValueError(f"enable_gpu_kernels needs the model on a CUDA device, it is on {model.lm_head_weight.device}")
     model.set_attention(attention_backend)
     fused = FusedForward(model)

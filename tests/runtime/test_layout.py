@@ -3,9 +3,10 @@
     course  ->  bench  ->  serving  ->  engine  ->  model  ->  interfaces, sequence, impl
 
 A module may import its own room and the rooms below it, never one above, and never a
-private (``_name``) of another module. Imports under ``if TYPE_CHECKING:`` are for type
-hints only and never run, so they do not count as edges; every other import does,
-including the lazy ones inside functions. The import graph must have no cycle.
+private (``_name``) of another module. Every import counts as an edge: the lazy ones
+inside functions, and the type-only ones under ``if TYPE_CHECKING:`` too (they never
+run, but a type hint that names a module above is the same knot in the design: two
+modules that need each other's names). The import graph must have no cycle.
 """
 
 from __future__ import annotations
@@ -36,25 +37,17 @@ def room_of(module: str) -> str:
     return "base" if parts[1] in BASE else "top"
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
+def imports_of(path: Path, source: str | None = None) -> list[tuple[str, list[str], int]]:
+    """``(imported module, names, line)`` for every servinglab import, type-only ones included.
 
-
-def imports_of(path: Path) -> list[tuple[str, list[str], int]]:
-    """``(imported module, names, line)`` for every servinglab import that runs."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    ``source`` replaces the file's text (the self-test below checks a made-up module).
+    """
+    tree = ast.parse(source if source is not None else path.read_text(), filename=str(path))
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     found: list[tuple[str, list[str], int]] = []
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
-                for orelse in child.orelse:
-                    visit(orelse)
-                continue
             if isinstance(child, ast.Import):
                 found.extend((a.name, [], child.lineno) for a in child.names if a.name.split(".")[0] == "servinglab")
             elif isinstance(child, ast.ImportFrom):
@@ -99,27 +92,48 @@ def test_imports_run_one_way_and_skip_no_private_names(path: Path):
         assert not private, f"{me} imports private names {private} from {target} at line {line}: give them a public hook"
 
 
-def test_no_import_cycles():
-    graph = {module_name(p): {t for t, _, _ in imports_of(p)} for p in FILES}
-    graph = {m: {t for t in targets if t in graph and t != m} for m, targets in graph.items()}
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (module -> imported modules) as ``[a, b, ..., a]``, or ``None``."""
     state: dict[str, int] = {}
     stack: list[str] = []
 
-    def dfs(m: str) -> None:
+    def dfs(m: str) -> list[str] | None:
         state[m] = 1
         stack.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cycle = stack[stack.index(t):] + [t]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
-            if t not in state:
-                dfs(t)
+                return stack[stack.index(t):] + [t]
+            if t not in state and (cycle := dfs(t)):
+                return cycle
         stack.pop()
         state[m] = 2
+        return None
 
     for m in sorted(graph):
-        if m not in state:
-            dfs(m)
+        if m not in state and (cycle := dfs(m)):
+            return cycle
+    return None
+
+
+def import_graph(sources: dict[Path, str] | None = None) -> dict[str, set[str]]:
+    """The package's import graph; ``sources`` overrides the text of some files."""
+    sources = sources or {}
+    graph = {module_name(p): {t for t, _, _ in imports_of(p, sources.get(p))} for p in FILES}
+    return {m: {t for t in targets if t in graph and t != m} for m, targets in graph.items()}
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_a_type_only_circle_counts():
+    """engine.engine -> engine.sampling plus a hint-only import back from sampling is a circle."""
+    sampling = PACKAGE / "engine" / "sampling.py"
+    planted = sampling.read_text() + "\nif TYPE_CHECKING:\n    from servinglab.engine.engine import LLMEngine\n"
+    assert ("servinglab.engine.engine", ["LLMEngine"], planted.count("\n")) in imports_of(sampling, planted)
+    cycle = find_cycle(import_graph({sampling: planted}))
+    assert cycle is not None and "servinglab.engine.sampling" in cycle and "servinglab.engine.engine" in cycle
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PACKAGE)))

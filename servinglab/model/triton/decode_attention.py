@@ -21,6 +21,15 @@ Design (vLLM's ``triton_unified_attention`` decode path; LightLLM / SGLang's two
 
 Scores use base 2 (``exp2``, with ``log2(e)`` folded into the scale): one multiply
 fewer per score, the usual FlashAttention trick.
+
+Several query rows per sequence (``query_len`` > 1: speculative verification, the last
+token and its ``k`` drafts; vLLM's full-graph spec decode does the same): sequence
+``b``'s rows ``b * query_len + i`` sit at positions ``ctx_b - query_len + i`` and attend
+causally (keys at positions ``<=`` their own). The tile grows to ``query_len x G`` rows,
+so each K/V tile is still read once per (sequence, KV head, split), and every launch
+has the same shape for any contexts: capturable in a CUDA graph. A row can find no key
+in a split (its position lies before the split's range): it leaves ``lse = -inf``, which
+the merge weighs 0.
 """
 
 from __future__ import annotations
@@ -53,20 +62,25 @@ def _paged_decode_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, QUERY_LEN: tl.constexpr, ROWS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
 
-    offs_g = tl.arange(0, BLOCK_G)
+    # Row r of the tile: query token r // BLOCK_G of this sequence, head r % BLOCK_G of the group.
+    offs_r = tl.arange(0, ROWS)
+    offs_g = offs_r % BLOCK_G
+    tok = offs_r // BLOCK_G
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + offs_g
-    g_mask = offs_g < GROUP
+    g_mask = (offs_g < GROUP) & (tok < QUERY_LEN)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+    token = seq * QUERY_LEN + tok  # the row of the flattened query
+    q_pos = ctx - QUERY_LEN + tok  # causal limit of each row
+    q = tl.load(q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
     # This program's share of the context: tiles [tile_lo, tile_hi).
@@ -75,9 +89,9 @@ def _paged_decode_kernel(
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(tile_lo, tile_hi):
         pos = tile * BLOCK_N + offs_n
@@ -89,12 +103,14 @@ def _paged_decode_kernel(
                     + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + block[:, None] * stride_vb + within[:, None] * stride_vs + kv_head * stride_vh
                     + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], base-2 logits
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every tile in range holds at least one real position, so m_new is finite.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [ROWS, BLOCK_N], base-2 logits
+        s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        # With one query row every tile in range holds a visible position, so m_new is
+        # finite; a later draft row may see none yet: subtract 0 then (exp2(-inf) = 0).
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -103,11 +119,11 @@ def _paged_decode_kernel(
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     out = acc / safe_l[:, None]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        tl.store(out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
     else:
-        # Partials: [num_seqs, num_heads, NUM_SPLITS, BLOCK_D] float32 and [.., NUM_SPLITS] lse.
-        row = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
+        # Partials: [num_tokens, num_heads, NUM_SPLITS, BLOCK_D] float32 and [.., NUM_SPLITS] lse.
+        row = (token * NUM_HEADS + heads) * NUM_SPLITS + split
         tl.store(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=g_mask[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
@@ -154,11 +170,14 @@ def paged_decode_attention(
     num_splits: int | None = None,
     max_context_len: int | None = None,
     out: torch.Tensor | None = None,
+    query_len: int = 1,
 ) -> torch.Tensor:
-    """Decode attention of ``query`` ``[B, num_heads, head_dim]`` over the paged cache.
+    """Decode attention of ``query`` ``[B * query_len, num_heads, head_dim]`` over the paged cache.
 
     Args:
-        query: one row per sequence (may be a strided view; last dim contiguous).
+        query: ``query_len`` rows per sequence, sequence after sequence (may be a strided
+            view; last dim contiguous). Row ``i`` of sequence ``b`` sits at position
+            ``context_lens[b] - query_len + i`` and attends causally.
         k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
         block_tables: ``[B, max_blocks]`` int32 block ids.
         context_lens: ``[B]`` int32 positions in cache (0 = a padding lane, output 0).
@@ -166,9 +185,13 @@ def paged_decode_attention(
         num_splits: force a split count; ``None`` applies :func:`choose_num_splits`
             with ``max_context_len`` (default: the table width times the block size,
             the longest context the table can describe, without reading the device).
-        out: optional ``[B, num_heads, head_dim]`` output buffer.
+        out: optional output buffer shaped like ``query``.
+        query_len: query rows per sequence (1: plain decode; ``1 + k``: speculative verification).
     """
-    num_seqs, num_heads, head_dim = query.shape
+    num_tokens, num_heads, head_dim = query.shape
+    num_seqs = block_tables.shape[0]
+    if query_len < 1 or num_tokens != num_seqs * query_len:
+        raise ValueError(f"query has {num_tokens} rows, block_tables {num_seqs} sequences: need query_len ({query_len}) rows each")
     _, block_size, num_kv_heads, _ = k_cache.shape
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -181,13 +204,15 @@ def paged_decode_attention(
     if not 1 <= num_splits <= 256:
         raise ValueError(f"num_splits must be in 1..256, got {num_splits}")
     if out is None:
-        out = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype, device=query.device)
+        out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
     if num_seqs == 0:
         return out
     block_d = triton.next_power_of_2(head_dim)
+    # One query row: the group's heads padded to 16 rows, as before; several: query_len x G (power of two).
+    block_g = max(MIN_ROWS, triton.next_power_of_2(group)) if query_len == 1 else triton.next_power_of_2(group)
     if num_splits > 1:
-        part_out = torch.empty(num_seqs, num_heads, num_splits, block_d, dtype=torch.float32, device=query.device)
-        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        part_out = torch.empty(num_tokens, num_heads, num_splits, block_d, dtype=torch.float32, device=query.device)
+        part_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=query.device)
     else:
         part_out = part_lse = out  # unused
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -198,9 +223,10 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=max(MIN_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, NUM_HEADS=num_heads,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        QUERY_LEN=query_len, ROWS=max(MIN_ROWS, triton.next_power_of_2(query_len) * block_g),
         num_warps=4, num_stages=2,
     )
     if num_splits > 1:
