@@ -370,6 +370,65 @@ a larger batch a step is less memory-bound, so speculation pays less, the slowdo
 high load" that vLLM's blog reports too.
 """)
 nb.md("""
+## 7. On a GPU: speculation inside the CUDA-graph decode path
+
+On a GPU a plain decode step of SmolLM2-135M is one CUDA-graph replay of about 1 ms, so
+everything around it counts: an eager verification pass, a Python loop over drafts or a
+`.item()` per token each cost more than the step. The lab engine keeps speculation on the
+fast path (`servinglab/engine/spec_decode.py`, `spec_verify.py`, `spec_policy.py`):
+
+- **verification as graph replays**: a decode batch where every sequence carries its last
+  token and its `k` drafts is a uniform shape, captured per batch size with `k + 1` query
+  rows (the paged decode kernel attends causally inside the draft window); a sequence with
+  fewer drafts is padded (slot -1, masked). Prefill and mixed steps stay eager;
+- **your `rejection_sample` on the device, over the whole batch**, with one device-to-host
+  copy per step (accepted counts and tokens). That is why its contract is batched tensor
+  code: the engine checks it (tensor operations counted at two batch sizes, no host reads)
+  and, if it loops per token, warns and falls back to a per-row path that costs a host
+  round trip per sequence;
+- **a per-step on/off rule** (vLLM's `disable_by_batch_size`, SGLang's adaptive
+  speculation): speculate only while the batch is small enough and the measured tokens
+  per speculative step times the plain step time beat the speculative step's time.
+
+**Predict first.** Leviathan et al. predict `(1 - a^(k+1)) / ((1 - a) v)` with a free
+proposer, where `v` is a verification step's cost in plain steps. At batch 1 a step is
+memory-bound, so `v` is near 1: what speedup do you expect at `a = 0.8`, `k = 4`? And at
+batch 64, where a step of 135M already moves 64 rows through every weight?
+
+**Reference figure** (not your machine: one NVIDIA H200, 2026-12-04, one run, random
+weights of the real configs in bf16, greedy, 128-token prompts, 128 output tokens; a
+*controlled* proposer drafts the target's own greedy continuation and keeps each draft
+right with probability alpha, since random weights give meaningless n-gram acceptance;
+command `servinglab bench spec --device cuda --random-weights smollm2-135m --ks 2 4 8 --alphas 0 0.6 0.8 0.95`,
+full table in `docs/figures/h200_spec_gpu/README.md`):
+
+| SmolLM2-135M, k = 4 | batch 1 | batch 8 | batch 64 |
+| --- | --- | --- | --- |
+| plain CUDA-graph decode, tok/s | 851 | 7,628 | 30,489 |
+| `v` (verify / plain step) | 1.04 | 1.47 | 1.86 |
+| alpha 0.8: speculation in every step | 2.73x | 1.80x | 1.00x |
+| alpha 0.8: with the on/off rule | 2.95x | 1.82x | 1.36x |
+| alpha 0: with the on/off rule | 1.09x | 0.94x | 0.98x |
+| Leviathan's prediction at alpha 0.8 (measured `v`) | 3.23x | 2.29x | 1.80x |
+| n-gram proposer on repetitive prompts, with the rule | 1.76x | 1.26x | 0.85x |
+
+At batch 1 the prediction holds to about 15%: verifying five positions costs about
+one step, as the memory-bound argument says. At batch 64 a verification step costs
+about twice a plain step and forced speculation gains nothing, so the rule speculates in
+few steps there. On SmolLM2-1.7B at batch 1 the same run gave 2.30x at alpha 0.8 (the
+prediction 2.75x, `v` 1.22) and 0.82x at alpha 0, where that run's rule still speculated
+in 71% of the steps; the rule has since been given a warm-up of three samples of each
+kind and medians, not yet re-measured on a GPU. What the figure does not show: the
+sampled (non-greedy) path's chi-square test on the GPU, and the early-exit draft model,
+which still drafts eagerly through transformers.
+""")
+nb.code("""
+# requires: cuda
+# The reference figure's grid, small: SmolLM2-135M's config with random weights, batch 1 and 8, k = 4.
+from servinglab.bench.spec_gpu import run_spec_gpu
+gpu_rows = run_spec_gpu(["smollm2-135m"], OUT / "spec_gpu", out_len=64, batches=(1, 8), alphas=(0.0, 0.8), ks=(4,))
+""")
+nb.md("""
 ## Recap
 
 - Rejection sampling keeps the target's distribution exactly; greedy reduces to "accept
