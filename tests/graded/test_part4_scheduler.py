@@ -107,6 +107,9 @@ class FakeEngine:
             assert seq.status is SequenceStatus.RUNNING, (
                 f"scheduled sequence {seq.seq_id} has status {seq.status}: admission sets seq.status = RUNNING")
             assert any(r is seq for r in sched.running), f"scheduled sequence {seq.seq_id} is not in scheduler.running"
+            assert seq.num_computed_tokens >= seq.num_cached_tokens, (
+                f"sequence {seq.seq_id}: {seq.num_cached_tokens} tokens came from the prefix cache but only "
+                f"{seq.num_computed_tokens} count as computed: admission sets num_computed_tokens to the hit count")
             assert seq.num_computed_tokens + s.num_new_tokens <= seq.num_tokens, (
                 f"sequence {seq.seq_id}: {seq.num_computed_tokens} computed + {s.num_new_tokens} new > its {seq.num_tokens} tokens")
             # The K/V slots this step writes must exist in the block table.
@@ -302,6 +305,21 @@ def test_prefix_cache_hits_set_num_computed_tokens(block_manager, scheduler):
     assert b.num_computed_tokens == 11, "num_computed_tokens starts at the hit count (8), + 3 this step"
     eng.run()
     assert len(b.output_token_ids) == 2
+    eng.assert_all_free()
+
+
+@pytest.mark.points(2)
+def test_cached_prefix_costs_no_budget(block_manager, scheduler):
+    # Budget 4 tokens a step, blocks of 4. a (8 tokens) prefills in two chunks of 4 and caches two blocks.
+    # b = a's 8 tokens + 1 new: 8 are hits, so b costs 1 token of the budget and c (3 tokens) fits beside it.
+    eng = FakeEngine(block_manager, scheduler, num_blocks=16, block_size=4, prefix_caching=True, max_num_batched_tokens=4)
+    a = eng.add(list(range(100, 108)), max_tokens=1)
+    assert new_tokens(eng.step()) == [(a, 4)] and new_tokens(eng.step()) == [(a, 4)]
+    assert a.is_finished
+    b = eng.add(list(range(100, 108)) + [7], max_tokens=1)
+    c = eng.add([50, 51, 52], max_tokens=1)
+    assert new_tokens(eng.step()) == [(b, 1), (c, 3)], "b's 8 cached tokens are not computed again: 1 + 3 = 4 tokens this step"
+    eng.run()
     eng.assert_all_free()
 
 
