@@ -83,7 +83,7 @@ def test_dtype_names_and_torch_dtypes(kv_cache):
 
 
 @pytest.mark.part(1)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_seed_formula_overstates_gqa_models(kv_cache):
     """docs/references.md: a hidden_size-based formula overstates GQA models by heads / kv_heads."""
     expected_ratio = {"Llama-2-70B": 8, "Llama-3.1-8B": 4, "SmolLM2-135M": 3, "Llama-2-13B": 1, "Llama-2-7B": 1}
@@ -97,7 +97,7 @@ def test_seed_formula_overstates_gqa_models(kv_cache):
 
 
 @pytest.mark.part(1)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_from_config_json(kv_cache, tmp_path):
     # Fields as in meta-llama/Llama-3.1-8B's config.json (other keys omitted).
     cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
@@ -137,7 +137,7 @@ def expected_fit(name: str, seq_len: int, weight_dtype_bytes: int, tp: int = 1, 
 
 
 @pytest.mark.part(1)
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_max_concurrent_sequences_on_80gb(kv_cache):
     # Llama-2-7B fp16: 72 GiB budget - 12.55 GiB weights = 59.45 GiB of 8 MiB blocks -> 7609 blocks, 256 per 4k seq.
     s7 = shape(kv_cache, "Llama-2-7B")
@@ -161,7 +161,7 @@ def test_max_concurrent_sequences_on_80gb(kv_cache):
 
 
 @pytest.mark.part(1)
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_prediction_matches_real_allocation(kv_cache):
     """The runtime's real cache tensors take exactly the predicted bytes (SmolLM2-135M shape)."""
     s = shape(kv_cache, "SmolLM2-135M")
@@ -193,7 +193,7 @@ def test_prediction_matches_real_allocation(kv_cache):
 
 
 @pytest.mark.part(1)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_bad_input_raises_value_error(kv_cache):
     s = shape(kv_cache, "Llama-3.1-8B")
     assert kv_cache.max_concurrent_sequences(s, GPU_80GB, 4096, dtype="bf16") > 0, "valid input must give a positive answer"  # good input works

@@ -37,7 +37,7 @@ def prefill(m, seq_id: int, tokens: list[int]) -> int:
 
 
 @pytest.mark.part(2)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_allocate_gives_ceil_blocks_in_free_order(block_manager: ModuleType) -> None:
     m = make(block_manager, num_blocks=8)
     assert isinstance(m, BlockManagerProtocol), "the runtime's contract"
@@ -105,7 +105,7 @@ def test_deallocate_returns_blocks(block_manager: ModuleType) -> None:
 
 
 @pytest.mark.part(2)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_out_of_blocks(block_manager: ModuleType) -> None:
     m = make(block_manager, num_blocks=3)
     assert issubclass(block_manager.NoFreeBlocksError, RuntimeError)
@@ -143,7 +143,7 @@ def test_fork_shares_every_block(block_manager: ModuleType) -> None:
 
 
 @pytest.mark.part(2)
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_copy_on_write(block_manager: ModuleType) -> None:
     m = make(block_manager, num_blocks=3)
     m.allocate_blocks(1, list(range(6)))  # [0, 1]; block 1 is half full
@@ -188,7 +188,7 @@ def test_copy_on_write(block_manager: ModuleType) -> None:
 
 
 @pytest.mark.part(2)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_prefix_cache_shares_full_blocks(block_manager: ModuleType) -> None:
     m = make(block_manager, num_blocks=8, caching=True)
     a = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
@@ -211,7 +211,7 @@ def test_prefix_cache_shares_full_blocks(block_manager: ModuleType) -> None:
 
 
 @pytest.mark.part(2)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_last_token_is_never_cached(block_manager: ModuleType) -> None:
     m = make(block_manager, num_blocks=8, caching=True)
     a = list(range(100, 108))  # exactly two full blocks

@@ -150,7 +150,7 @@ def test_decode_only_ragged_batch(paged_attention, block_size, heads, kv_heads):
 
 
 @pytest.mark.part(3)
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_prefill_after_cached_prefix(paged_attention, block_size):
     """Context longer than the query: a prefix-cache hit, or a later chunk of a chunked prefill."""
@@ -202,7 +202,7 @@ def test_bfloat16(paged_attention):
 
 
 @pytest.mark.part(3)
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_write_then_attend_like_the_model(paged_attention):
     """Prefill a prompt in two chunks, then decode, writing K/V with write_to_kv_cache each step."""
     gen = torch.Generator().manual_seed(70)

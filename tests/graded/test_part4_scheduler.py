@@ -135,7 +135,7 @@ def new_tokens(out: SchedulerOutput) -> list[tuple[Sequence, int]]:
     return [(s.seq, s.num_new_tokens) for s in out.scheduled]
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_prefill_then_decode(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler)
     a, b, c = eng.add(5), eng.add(3), eng.add(7)
@@ -153,7 +153,7 @@ def test_prefill_then_decode(block_manager, scheduler):
     eng.assert_all_free()
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_token_budget_respected_every_step(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, max_num_batched_tokens=8)
     seqs = [eng.add(10 + i, max_tokens=5) for i in range(6)]
@@ -164,7 +164,7 @@ def test_token_budget_respected_every_step(block_manager, scheduler):
     eng.assert_all_free()
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_max_num_seqs_respected(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, max_num_seqs=2)
     seqs = [eng.add(3, max_tokens=2 + i) for i in range(5)]
@@ -180,7 +180,7 @@ def test_max_num_seqs_respected(block_manager, scheduler):
     eng.assert_all_free()
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_running_before_waiting(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, max_num_batched_tokens=2)
     a, b = eng.add(1, max_tokens=2), eng.add(1, max_tokens=5)
@@ -212,7 +212,7 @@ def test_fcfs_admission_no_skipping(block_manager, scheduler):
     eng.assert_all_free()
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_chunked_prefill_interleaves_with_decode(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, max_num_batched_tokens=4)
     a = eng.add(2, max_tokens=10)
@@ -250,7 +250,7 @@ def test_no_chunking_when_disabled(block_manager, scheduler):
     eng.assert_all_free()
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_preempts_newest_then_resumes(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, num_blocks=4, block_size=4)
     a, b = eng.add(7, max_tokens=4), eng.add(7, max_tokens=4)
@@ -421,7 +421,7 @@ def workloads(draw):
     )
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(workload=workloads())
 def test_random_workloads_finish_cleanly(block_manager, scheduler, workload):

@@ -87,7 +87,7 @@ def plain_greedy(fn, prompt: list[int], max_tokens: int) -> list[int]:
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(1)
+@pytest.mark.points(2)
 @pytest.mark.parametrize("draft", list(DRAFTS))
 def test_emitted_tokens_follow_target(speculative, draft):
     """First emitted token ~ p for any q; so is the second one, given the first was accepted (ALPHA = 1e-3)."""
@@ -104,7 +104,7 @@ def test_emitted_tokens_follow_target(speculative, draft):
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_acceptance_rate_is_overlap(speculative):
     """P(accept one draft) = sum_x min(p(x), q(x)) (Leviathan's beta), within 5 standard errors."""
     gen = torch.Generator().manual_seed(2)
@@ -118,7 +118,7 @@ def test_acceptance_rate_is_overlap(speculative):
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_deterministic_proposer_keeps_target_law(speculative):
     """draft_probs=None (n-gram: q one-hot on the proposal): accepted with prob p(x), output ~ p (ALPHA = 1e-3)."""
     gen = torch.Generator().manual_seed(3)
@@ -132,7 +132,7 @@ def test_deterministic_proposer_keeps_target_law(speculative):
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_greedy_accepts_exactly_the_argmax(speculative):
     """One-hot target rows: drafts equal to the argmax are accepted, the first mismatch emits the argmax."""
     target_choice = torch.tensor([4, 1, 1, 0, 3])  # the target's argmax at rows 0..4 (row 4 is the bonus)
@@ -149,7 +149,7 @@ def test_greedy_accepts_exactly_the_argmax(speculative):
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(1)
+@pytest.mark.points(2)
 def test_all_accepted_adds_a_bonus_token_from_p(speculative):
     """Drafts the target is sure of are all accepted; the bonus comes from row k (ALPHA = 1e-3)."""
     gen = torch.Generator().manual_seed(4)
@@ -161,7 +161,7 @@ def test_all_accepted_adds_a_bonus_token_from_p(speculative):
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_batch_rows_are_independent(speculative):
     """Rows with different acceptance counts are padded with -1 and match their own single-row calls."""
     choice = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [0, 0, 0, 0], [5, 4, 3, 2]])
@@ -268,7 +268,7 @@ def test_leviathan_formulas(speculative):
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_bad_input_raises_value_error(speculative):
     s = speculative
     for args, name in [((0, 2, 3), "prompt_lookup_min"), ((3, 2, 3), "prompt_lookup_max"), ((1, 2, 0), "num_speculative_tokens")]:

@@ -77,7 +77,7 @@ def blocks_all_free(eng) -> bool:
     return not eng.engine.has_unfinished_requests() and stats.num_free_blocks == stats.num_blocks
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_percentile_interpolates_linearly(serving):
     xs = [40, 15, 50, 20, 35]  # sorted: 15 20 35 40 50
     assert serving.percentile(xs, 0) == 15 and serving.percentile(xs, 100) == 50, "percentile 0 is the minimum, 100 the maximum"
@@ -107,7 +107,7 @@ EXPECTED = {
 }
 
 
-@pytest.mark.points(4)
+@pytest.mark.points(5)
 def test_latency_stats_on_hand_made_timestamps(serving):
     records = [serving.RequestTimestamps(s, list(t)) for s, t in HAND_MADE]
     stats = serving.compute_latency_stats(records)
@@ -129,7 +129,7 @@ def test_latency_stats_edge_cases(serving):
             serving.compute_latency_stats(bad)
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_create_sampling_params_validates(serving):
     eng = serving.vLLMServingEngine("unused-folder", backend="lab")
     p = eng.create_sampling_params(temperature=0.0, top_p=0.9, max_tokens=7, seed=3, ignore_eos=True)
@@ -145,7 +145,7 @@ def test_create_sampling_params_validates(serving):
         serving.vLLMServingEngine("m", backend="tensorrt")
 
 
-@pytest.mark.points(4)
+@pytest.mark.points(5)
 def test_generate_async_streams_tokens_in_order(serving, tiny, make_engine):
     _, _, prompts = tiny
     max_tokens = [5, 8, 3, 6]
@@ -172,7 +172,7 @@ def test_generate_async_streams_tokens_in_order(serving, tiny, make_engine):
         asyncio.run(collect(prompts, params[:2]))
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_closing_the_stream_aborts_and_frees_blocks(serving, tiny, make_engine):
     _, _, prompts = tiny
     eng = make_engine()
@@ -190,7 +190,7 @@ def test_closing_the_stream_aborts_and_frees_blocks(serving, tiny, make_engine):
     assert blocks_all_free(eng), "closing generate_async early must abort both requests and free their blocks"
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_benchmark_performance_reports_sane_stats(serving, tiny, make_engine):
     _, _, prompts = tiny
     eng = make_engine()

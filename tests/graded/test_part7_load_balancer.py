@@ -55,7 +55,7 @@ def common(a, b) -> int:
 
 # ---- the prefix tree -------------------------------------------------------------------
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_prefix_tree_match_insert_split(load_balancer):
     t = load_balancer.PrefixTree()
     assert t.match("anything") == 0 and t.size == 0
@@ -92,7 +92,7 @@ def test_prefix_tree_evicts_least_recently_used_leaf(load_balancer):
 
 @PROPERTY
 @given(st.lists(st.text("ab", max_size=8), max_size=12), st.text("ab", max_size=8))
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_prefix_tree_matches_like_the_longest_common_prefix(load_balancer, keys, probe):
     t = load_balancer.PrefixTree()
     for i, k in enumerate(keys):
@@ -103,7 +103,7 @@ def test_prefix_tree_matches_like_the_longest_common_prefix(load_balancer, keys,
 
 @PROPERTY
 @given(st.lists(st.text("abc", min_size=1, max_size=10), min_size=1, max_size=30), st.integers(10, 25))
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_eviction_bounds_memory_and_keeps_the_newest(load_balancer, keys, cap):
     t = load_balancer.PrefixTree()
     for i, k in enumerate(keys):
@@ -115,7 +115,7 @@ def test_eviction_bounds_memory_and_keeps_the_newest(load_balancer, keys, cap):
 
 # ---- policies --------------------------------------------------------------------------
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_round_robin_cycles_and_skips_unhealthy(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="round_robin")
     assert [lb.select_instance().url for _ in range(6)] == URLS * 2
@@ -124,7 +124,7 @@ def test_round_robin_cycles_and_skips_unhealthy(load_balancer):
     assert [lb.select_instance().url for _ in range(4)] == ["http://a", "http://c"] * 2
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_least_outstanding_counts_starts_and_finishes(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="least_outstanding")
     assert [route(lb) for _ in range(3)] == URLS, "ties go to the first backend in order"
@@ -134,7 +134,7 @@ def test_least_outstanding_counts_starts_and_finishes(load_balancer):
     assert lb.select_instance().url == "http://b"
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_power_of_two_never_picks_the_worse_of_two(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="power_of_two", seed=7)
     for url, n in zip(URLS, (0, 5, 10)):
@@ -152,7 +152,7 @@ def test_power_of_two_never_picks_the_worse_of_two(load_balancer):
     assert [again.select_instance().url for _ in range(300)] == picks, "the same seed must give the same choices"
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_power_of_two_between_two_candidates_takes_the_less_loaded(load_balancer):
     # With two backends in the pool both are drawn, so the choice is exact: the less loaded one.
     lb = load_balancer.LLMLoadBalancer(URLS, policy="power_of_two", seed=3)
@@ -167,7 +167,7 @@ def test_power_of_two_between_two_candidates_takes_the_less_loaded(load_balancer
     assert lb.loads() == {"http://a": 4, "http://b": 1, "http://c": 0}, "select_instance must not change loads"
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_cache_aware_sends_a_repeated_prefix_home(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware")
     system = "You are a helpful assistant. Answer briefly. "
@@ -180,7 +180,7 @@ def test_cache_aware_sends_a_repeated_prefix_home(load_balancer):
     assert lb.select_instance("Translate 'dog' into French.").url == other
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_cache_aware_threshold_is_strict(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware", cache_threshold=0.5)
     assert lb.select_instance("aaaa").url == "http://a"
@@ -195,7 +195,7 @@ def test_cache_aware_threshold_is_strict(load_balancer):
     assert fresh.select_instance("aXcdefgh").url == "http://b", "the matched prefix ends at the first mismatch (1 of 8)"
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_cache_aware_imbalance_needs_both_thresholds(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware", balance_abs_threshold=4, balance_rel_threshold=1.5)
     assert route(lb, "shared prefix, question 1") == "http://a"
@@ -223,7 +223,7 @@ def test_cache_aware_imbalance_needs_both_thresholds(load_balancer):
 
 # ---- health ----------------------------------------------------------------------------
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_failed_backend_leaves_and_returns_after_probes(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="least_outstanding", recovery_successes=2)
     lb.report_failure("http://a")
@@ -247,7 +247,7 @@ def test_failed_backend_leaves_and_returns_after_probes(load_balancer):
     assert lb2.select_instance(exclude=["http://a"]).url == "http://b", "exclude removes backends from the pool"
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_circuit_breaker_opens_after_repeated_failures(load_balancer):
     clock = FakeClock()
     lb = load_balancer.LLMLoadBalancer(URLS, failure_threshold=3, recovery_successes=1, cooldown_s=10, clock=clock)
@@ -267,7 +267,7 @@ def test_circuit_breaker_opens_after_repeated_failures(load_balancer):
     assert lb.backend("http://a").healthy and lb.backend("http://a").consecutive_failures == 0
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_health_state_machine_trace(load_balancer):
     # failure_threshold 2, recovery_successes 2, cooldown 5 s; states worked out by hand from the module docstring.
     clock = FakeClock()
@@ -293,7 +293,7 @@ def test_health_state_machine_trace(load_balancer):
         assert in_pool == (want == "healthy"), f"step {step}: a backend is in the pool exactly when it is healthy"
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_cache_aware_escapes_only_when_both_thresholds_are_exceeded(load_balancer):
     # Reference comparison over 200 seeded load patterns: a's tree holds the prompt, so a balanced
     # pool follows the cache to a; an imbalanced one (max - min > 3 AND max > 2 * min) takes the least loaded.
@@ -314,7 +314,7 @@ def test_cache_aware_escapes_only_when_both_thresholds_are_exceeded(load_balance
         assert got == want, f"case {case}: loads {loads} ({'imbalanced' if imbalanced else 'balanced'}): chose {got}, expected {want}"
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_failure_clears_the_prefix_tree(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware", recovery_successes=1)
     assert lb.select_instance("a long shared system prompt").url == "http://a"
@@ -324,7 +324,7 @@ def test_failure_clears_the_prefix_tree(load_balancer):
     assert lb.select_instance("a long shared system prompt").url == "http://a"
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_bad_input_errors_name_the_parameter(load_balancer):
     LB = load_balancer.LLMLoadBalancer
     bad = [({"instances": []}, "instances"), ({"instances": ["http://a", "http://a"]}, "unique"),
@@ -353,7 +353,7 @@ OPS = st.lists(st.one_of(st.tuples(st.just("send"), st.text("abc", max_size=10))
 
 @PROPERTY
 @given(st.sampled_from(["round_robin", "least_outstanding", "power_of_two", "cache_aware"]), OPS)
-@pytest.mark.points(4)
+@pytest.mark.points(3)
 def test_property_never_unhealthy_and_loads_return_to_zero(load_balancer, policy, ops):
     lb = load_balancer.LLMLoadBalancer(URLS, policy=policy, balance_abs_threshold=2, recovery_successes=2, clock=FakeClock())
     outstanding: list[str] = []
@@ -382,7 +382,7 @@ def test_property_never_unhealthy_and_loads_return_to_zero(load_balancer, policy
 
 @PROPERTY
 @given(st.integers(1, 6), st.sets(st.integers(0, 2), max_size=2))
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_property_round_robin_is_fair(load_balancer, rounds, failed):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="round_robin")
     for i in failed:
@@ -395,7 +395,7 @@ def test_property_round_robin_is_fair(load_balancer, rounds, failed):
 @PROPERTY
 @given(st.lists(st.sampled_from(["sys A: ", "sys B: ", "other ", ""]), min_size=1, max_size=25),
        st.lists(st.text("xy", max_size=4), min_size=25, max_size=25))
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_property_cache_aware_follows_the_best_match_while_balanced(load_balancer, heads, tails):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware")
     seen: dict[str, set[str]] = {}

@@ -30,7 +30,7 @@ INF = math.inf
 BUCKETS = [(0.1, 2), (0.5, 6), (1.0, 8), (INF, 10)]
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_quantiles_match_hand_computed_values(monitoring):
     hq = monitoring.histogram_quantile
     # rank 5 lies in (0.1, 0.5], which holds observations 3..6: 0.1 + 0.4 * (5 - 2) / 4
@@ -63,7 +63,7 @@ def test_quantile_bad_input(monitoring):
 
 @PROPERTY
 @given(st.lists(st.integers(0, 20), min_size=1, max_size=6), st.floats(0.01, 1.0), st.floats(0.01, 1.0))
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_quantiles_are_monotone_and_bounded(monitoring, counts, q1, q2):
     bounds = [0.5 * (i + 1) for i in range(len(counts))]
     cumulative = [sum(counts[: i + 1]) for i in range(len(counts))]
@@ -100,7 +100,7 @@ def exposition() -> bytes:
     return generate_latest(r)
 
 
-@pytest.mark.points(4)
+@pytest.mark.points(3)
 def test_parse_real_exposition(monitoring):
     m = monitoring.parse_metrics(exposition().decode())
     assert (m["running"], m["waiting"]) == (5, 1), "gauges are summed over label sets"
@@ -150,7 +150,7 @@ def fake_nvml(fail: str | None = None) -> types.SimpleNamespace:
         nvmlDeviceGetTemperature=lambda h, kind: 61, nvmlDeviceGetPowerUsage=lambda h: 250_500)
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_gpu_absent_is_reported_not_raised(monitoring):
     status, devices = monitoring.gpu_metrics(fake_nvml(fail="NVML Shared Library Not Found"))
     assert status.startswith("no NVIDIA device") and "Library Not Found" in status and devices == []
@@ -161,7 +161,7 @@ def test_gpu_absent_is_reported_not_raised(monitoring):
     assert snap["gpu_status"].startswith("no NVIDIA device") and snap["gpu_metrics"] == []
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_gpu_device_fields_and_units(monitoring):
     nvml = fake_nvml()
     status, devices = monitoring.gpu_metrics(nvml)
@@ -173,7 +173,7 @@ def test_gpu_device_fields_and_units(monitoring):
     assert nvml.calls == ["init", "shutdown"], "shut NVML down after reading"
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_collect_metrics_snapshot_and_history(monitoring):
     text = exposition().decode()
 
@@ -194,7 +194,7 @@ def test_collect_metrics_snapshot_and_history(monitoring):
         monitoring.PerformanceMonitor(max_history=0)
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_collect_scrapes_a_real_http_endpoint(monitoring):
     registry = CollectorRegistry()
     Gauge("vllm:num_requests_waiting", "waiting", ["model_name"], registry=registry).labels("m").set(7)

@@ -115,7 +115,7 @@ def test_int8_zero_and_constant_rows(quantization):
     torch.testing.assert_close(w_hat[1:3], w[1:3], rtol=1e-6, atol=0, msg="a constant row must come back (to float32 rounding)")
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_rounding_is_to_nearest_with_ties_to_even(quantization, method):
     # Every row (int8) or group of 32 (int4) has max |w| = qmax * 0.25, so scale = 0.25 exactly and
@@ -157,7 +157,7 @@ def test_pack_int4_nibble_order(quantization):
     )
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_pack_int4_is_lossless(quantization):
     every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(4, 64)
     codes = quantization.unpack_int4(every_byte)
@@ -178,7 +178,7 @@ def test_pack_int4_rejects_bad_codes(quantization):
 
 
 # ----------------------------------------------------------------------------- INT4
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_round_trip_within_half_step(quantization, group_size):
     w = rows_of_mixed_magnitude(out=6, cols=384, seed=group_size)
@@ -195,7 +195,7 @@ def test_int4_round_trip_within_half_step(quantization, group_size):
     assert_within_half_step(w, w_hat, step, absmax, f"int4 round trip (group_size={group_size})")
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_int4_exact_codes_bytes_and_scales(quantization):
     # Group 0 (columns 0-31) has max |w| = 7, so its scale is 7 / 7 = 1 and the codes are round(w):
     # ties to even, symmetric (0.5 -> 0, -0.5 -> 0, 1.5 -> 2, -2.5 -> -2). Group 1 is all zero: scale 1.0.
@@ -214,7 +214,7 @@ def test_int4_exact_codes_bytes_and_scales(quantization):
     assert packed.tolist() == [want], f"packed bytes {packed.tolist()[0][:5]}... != {want[:5]}...: low nibble = even column, code + 8"
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_int4_scale_is_per_group(quantization):
     gen = torch.Generator().manual_seed(3)
     # One row, four groups of 32 whose magnitudes differ by 10x each.
@@ -241,7 +241,7 @@ def test_int4_zero_and_constant_groups(quantization):
     torch.testing.assert_close(w_hat[:, 32:64], w[:, 32:64], rtol=1e-6, atol=0, msg="a constant group must come back (to float32 rounding)")
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_int4_group_size_errors(quantization):
     w = torch.randn(4, 576)  # SmolLM2's hidden size: 576 = 18 x 32 = 9 x 64, but not a multiple of 128
     with pytest.raises(ValueError, match="group_size") as info:
@@ -256,7 +256,7 @@ def test_int4_group_size_errors(quantization):
 
 
 # ----------------------------------------------------------------------------- QuantLinear
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 @pytest.mark.parametrize("method,group_size", [("int8", 128), ("int4", 32), ("int4", 128)])
 def test_quant_linear_matches_dequantized_weight(quantization, method, group_size):
     torch.manual_seed(0)
@@ -284,7 +284,7 @@ def test_quant_linear_matches_dequantized_weight(quantization, method, group_siz
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg="QuantLinear(x) must equal F.linear(x, dequantized weight, bias) in float32")
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_quant_linear_by_hand(quantization):
     # W = [[7, 0, ..., 0], [0, ..., 0, -7]] (32 columns) is exact in int8 (scale 7 / 127) and int4 (scale 1):
     # x = [0, 1, ..., 31], bias [0.5, -1]: y = [7 * 0 + 0.5, -7 * 31 - 1] = [0.5, -218].

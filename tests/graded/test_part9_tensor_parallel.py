@@ -178,7 +178,7 @@ def rank_results(two_ranks: list[dict], name: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------- sharding math
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_divisibility_errors_name_the_parameter(tensor_parallel):
     tp = tensor_parallel
     smol = tp.TPShape(**SMOLLM2)
@@ -306,7 +306,7 @@ def test_vocab_parallel_embedding_and_argmax_by_hand(tensor_parallel, two_ranks)
         assert res["greedy"] == [3, 0], f"rank {r}: distributed_argmax gave {res['greedy']}, expected global ids [3, 0]"
 
 
-@pytest.mark.points(4)
+@pytest.mark.points(5)
 def test_parallel_layer_equals_the_whole_layer_on_two_gloo_ranks(tensor_parallel, two_ranks):
     for r, res in enumerate(rank_results(two_ranks, "layer")):
         assert res["shape"] == (7, TINY["hidden_size"]), f"rank {r}: the layer output must be the full [T, hidden], got {res['shape']}"
@@ -316,7 +316,7 @@ def test_parallel_layer_equals_the_whole_layer_on_two_gloo_ranks(tensor_parallel
         )
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_vocab_parallel_embedding_and_logits_on_two_gloo_ranks(tensor_parallel, two_ranks):
     for r, res in enumerate(rank_results(two_ranks, "vocab")):
         assert res["emb_shape"] == (8, TINY["hidden_size"]), f"rank {r}: embedding shape {res['emb_shape']}"
