@@ -5,6 +5,14 @@ The ``block_manager`` fixture is the module under test (``solutions.block_manage
 free queue's order: a fresh manager hands out 0, 1, 2, ... and a freed block goes to the
 back of the queue (least recently freed is reused first), as in vLLM v1's block pool.
 Sharing, copy-on-write and prefix caching follow Kwon et al., SOSP 2023 (section 4.4).
+
+Bugs these tests guard against, each caught by at least two of them (exact block ids in
+hand-made cases, and random workloads checked against the invariants;
+``scripts/mutation_check.py`` plants them): a block hash that does not chain its parent's;
+a free queue that hands out the most recently freed block first; the prompt's last token
+cached, so a whole prompt can be a hit; copy-on-write that keeps its reference to the
+shared block; a deallocation that frees head blocks first, so eviction takes the wrong
+end of a sequence.
 """
 
 from __future__ import annotations

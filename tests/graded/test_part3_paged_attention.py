@@ -5,6 +5,13 @@ Every expected value is dense causal attention computed here in float64 with pla
 the paged cache itself through shuffled block tables. Unused cache slots hold large
 garbage, so reading past a sequence's context or through a padded block-table entry
 shows up as a wrong answer.
+
+Bugs these tests guard against, each caught by at least two of them here and in
+``test_part3b_paged_attention_triton.py`` (``scripts/mutation_check.py`` plants them): a
+prefill mask not shifted by the cached prefix; a decode mask that lets one position past
+the context through; query head h reading KV head h modulo the KV heads instead of its
+group's; keys written into the value cache; a Triton kernel whose online softmax does not
+rescale its accumulator.
 """
 
 from __future__ import annotations

@@ -5,6 +5,13 @@ each ``schedule()`` every scheduled sequence's ``num_computed_tokens`` advances 
 ``num_new_tokens``, full blocks go to the prefix cache, and a sequence whose tokens are
 all computed gets one fake sampled token, finishing at its target length. The block
 manager is the real Part 2 implementation under test.
+
+Bugs these tests guard against, each caught by at least two of them (exact schedules in
+hand-made cases, and the invariants :meth:`FakeEngine.check` asserts on every step of
+random workloads; ``scripts/mutation_check.py`` plants them): preempting the oldest running
+sequence instead of the newest; a preempted sequence sent to the back of the queue;
+chunked prefill that ignores the token budget; ``max_num_seqs`` off by one; prefix-cache
+hits not counted as computed tokens, so a cached prefix is computed (and paid for) again.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ The expected quantiles are worked by hand below with Prometheus' rule (``promql/
 find the bucket holding rank q * total, interpolate linearly inside it, lower edge 0 for
 the first bucket, the largest finite bound when the rank falls in ``+Inf``. The /metrics
 text is produced by ``prometheus_client`` itself, under vLLM v1's metric names.
+
+Bugs these tests guard against (``scripts/mutation_check.py`` plants them, with the
+balancer's in ``test_part7_load_balancer.py``): a histogram quantile that returns the
+bucket's upper bound instead of interpolating; histograms of several label sets not
+summed.
 """
 
 from __future__ import annotations
