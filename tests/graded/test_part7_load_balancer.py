@@ -353,7 +353,7 @@ OPS = st.lists(st.one_of(st.tuples(st.just("send"), st.text("abc", max_size=10))
 
 @PROPERTY
 @given(st.sampled_from(["round_robin", "least_outstanding", "power_of_two", "cache_aware"]), OPS)
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_property_never_unhealthy_and_loads_return_to_zero(load_balancer, policy, ops):
     lb = load_balancer.LLMLoadBalancer(URLS, policy=policy, balance_abs_threshold=2, recovery_successes=2, clock=FakeClock())
     outstanding: list[str] = []

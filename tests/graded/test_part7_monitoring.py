@@ -5,10 +5,10 @@ find the bucket holding rank q * total, interpolate linearly inside it, lower ed
 the first bucket, the largest finite bound when the rank falls in ``+Inf``. The /metrics
 text is produced by ``prometheus_client`` itself, under vLLM v1's metric names.
 
-Bugs these tests guard against (``scripts/mutation_check.py`` plants them, with the
-balancer's in ``test_part7_load_balancer.py``): a histogram quantile that returns the
-bucket's upper bound instead of interpolating; histograms of several label sets not
-summed.
+Bugs these tests guard against, each caught by at least two of them
+(``scripts/mutation_check.py`` plants them, with the balancer's in
+``test_part7_load_balancer.py``): a histogram quantile that returns the bucket's upper
+bound instead of interpolating; histograms of several label sets not summed.
 """
 
 from __future__ import annotations
@@ -131,6 +131,28 @@ def test_parse_reads_older_vllm_names_and_missing_ones(monitoring):
     m = monitoring.parse_metrics(text)
     assert m["kv_cache_usage"] == 0.75 and m["prefix_cache_hit_rate"] == pytest.approx(0.4), "fall back to LEGACY names"
     assert m["running"] == 0.0 and m["ttft"]["count"] == 0, "an absent metric reads as 0 / no observations"
+
+
+@pytest.mark.points(1)
+def test_parse_sums_label_sets_by_hand(monitoring):
+    # Two engines (label sets) of one server. TTFT buckets le 0.1 / 0.5 / +Inf: engine 0 has 2 / 6 / 8,
+    # engine 1 has 2 / 2 / 2, so the server's histogram is 4 / 8 / 10. p50: rank 5 lies in (0.1, 0.5]
+    # with 4 below and 4 inside: 0.1 + 0.4 * (5 - 4) / 4 = 0.2. p90: rank 9 lies in +Inf: 0.5. mean 2.1 / 10.
+    h = "vllm:time_to_first_token_seconds"
+    text = f"# TYPE {h} histogram\n"
+    for engine, counts, total in (("0", (2, 6, 8), 2.0), ("1", (2, 2, 2), 0.1)):
+        for le, c in zip(("0.1", "0.5", "+Inf"), counts):
+            text += f'{h}_bucket{{engine="{engine}",le="{le}"}} {c}\n'
+        text += f'{h}_count{{engine="{engine}"}} {counts[-1]}\n{h}_sum{{engine="{engine}"}} {total}\n'
+    text += ('# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{engine="0"} 3\nvllm:num_requests_running{engine="1"} 1\n'
+             '# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{engine="0"} 0.5\nvllm:kv_cache_usage_perc{engine="1"} 0.25\n')
+    m = monitoring.parse_metrics(text)
+    ttft = m["ttft"]
+    assert (ttft["count"], ttft["p50"], ttft["p90"]) == (10, pytest.approx(0.2), 0.5), (
+        f"label sets must be added bucket by bucket before the quantile: got count {ttft['count']}, p50 {ttft['p50']}, p90 {ttft['p90']}"
+    )
+    assert ttft["mean"] == pytest.approx(0.21)
+    assert m["running"] == 4 and m["kv_cache_usage"] == 0.5, "gauges: running is summed over label sets, kv_cache_usage takes the largest"
 
 
 class NVMLError(Exception):
