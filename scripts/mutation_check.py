@@ -13,6 +13,7 @@ Usage (a few minutes; ``make test`` does not run it)::
 
     python scripts/mutation_check.py                # every part
     python scripts/mutation_check.py --part 7 8     # some parts
+    python scripts/mutation_check.py -k nibble      # the bugs whose name contains "nibble"
     python scripts/mutation_check.py --list         # the bugs, without running anything
 """
 
@@ -212,11 +213,12 @@ def failing_tests(part: int, workdir: Path) -> tuple[list[str], int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", type=int, nargs="*", help="parts to check (default: all)")
+    parser.add_argument("-k", "--bug", default="", help="only the bugs whose name contains this text")
     parser.add_argument("--min-fail", type=int, default=2, help="graded tests each bug must fail (default 2)")
     parser.add_argument("--list", action="store_true", help="print the bugs and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="name the failing tests")
     args = parser.parse_args()
-    chosen = [m for m in MUTANTS if not args.part or m.part in args.part]
+    chosen = [m for m in MUTANTS if (not args.part or m.part in args.part) and args.bug in m.name]
     if args.list:
         for m in chosen:
             print(f"{m.part}  {m.name}  (solutions/{m.module}.py)")
