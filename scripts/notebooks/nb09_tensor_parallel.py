@@ -372,12 +372,15 @@ print(f"TP=1 {seconds1:.2f} s, TP=2 {seconds2:.2f} s for the same {len(prompts)}
 print(f"rank 0 spent {coll_s:.2f} s in {sum(calls.values())} collectives ({coll_s / seconds2:.0%} of the TP=2 run)")
 """)
 nb.md("""
-On a CPU with a few cores TP=2 should be slower once both engines are warm (the cell above
-prints what your run measured; one short run on a busy machine can swing, so rerun section 4
-if it disagrees): the two ranks share the same cores (each gets a share instead of all of them),
+What to expect depends on the machine. On an idle CPU with a few cores, TP=2 should be the
+slower one: the two ranks share the same cores (each gets a share instead of all of them),
 every layer adds two gloo all-reduces through the loopback network stack (tens of
-microseconds each even for a few KiB: the cell prints rank 0's total), and the driver
-pickles every step's inputs to each rank. `servinglab bench tp` measures the same thing at
+microseconds each even for a few KiB), and the driver pickles every step's inputs to each
+rank. On a *busy* machine the ranks can come out ahead anyway: they are two more processes
+competing for the cores, so together they may get more CPU time than the one notebook
+process, which says more about the operating system's scheduler than about TP. Either way,
+the share of the TP=2 run spent in collectives (printed above) is the cost TP adds.
+`servinglab bench tp` measures the same thing at
 a larger scale (tokens/s, per-rank memory, time in collectives next to the computed
 volume). Tensor parallelism pays when each rank has its *own* memory bandwidth and compute
 (a GPU) and the interconnect is fast (NVLink: hundreds of GB/s), so the time saved reading
