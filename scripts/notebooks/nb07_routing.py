@@ -32,6 +32,11 @@ throughput and cache hit rate 20% -> 75% on 8 A100s); vLLM production-stack's ro
 Section 4 needs the prepared model (its graded cell too): code cells starting with
 `# requires: ...` print why they skip on a machine without it (a GPU runner without the
 model, a laptop without vLLM); the set-up cell prints what this machine has.
+
+**CPU only, on purpose.** Nothing here needs a GPU: the balancer is plain Python, and the
+router's decisions do not depend on what the replicas run on. On a GPU box section 4 runs
+the same way (the replicas then use the GPU); its timings change, the comparison between
+policies does not, so there is no `# requires: cuda` section.
 """)
 nb.setup()
 nb.code("""
@@ -92,6 +97,10 @@ Throw n requests at n replicas that never finish (a burst). Pick one replica at 
 each, and the busiest ends up with about ln n / ln ln n of them; take the less loaded of two
 random replicas and it is about ln ln n / ln 2 + O(1): an exponential improvement for one
 extra look (Azar et al. 1994). Your `power_of_two` does the second; plain `random` the first.
+
+**Predict first:** for n = 1000, write down the busiest replica's load under one random choice
+and under two choices. Then run the cell (the formulas are asymptotic: compare the growth, not
+the digits).
 """)
 nb.code("""
 rows = []
@@ -120,6 +129,10 @@ of simulated seconds in a moment, so we can compare policies on two workloads: s
 few-shot prefixes, and the same lengths with nothing shared.
 
 First, one number for "how uneven": the time-weighted mean of (most loaded - least loaded).
+
+**Predict first:** on the shared-prefix workload, which policy has the highest prefix-cache hit
+rate, and which the lowest imbalance? On the workload with nothing shared, does cache-aware
+routing still help?
 """)
 nb.solution("""
 def imbalance(trace):
@@ -185,9 +198,15 @@ nb.md("""
 ## 4. The real router over real servers, watched by your monitor
 
 Three `servinglab serve` processes (the real SmolLM2-135M on your Parts 2-4, a small KV
-pool each) behind `servinglab router --policy cache_aware` (your balancer). While the
-shared-prefix workload streams through the router, `PerformanceMonitor.collect_metrics`
-scrapes every server's `/metrics` twice a second. Start-up takes a minute or two on a CPU.
+pool each) behind two routers running your balancer, one with `--policy round_robin` (the
+baseline) and one with `--policy cache_aware`. The same kind of shared-prefix load (three
+system prompts, different ones for each run so neither inherits the other's cache) streams
+through each router in turn, while `PerformanceMonitor.collect_metrics` scrapes every
+server's `/metrics` twice a second. Start-up takes a minute or two on a CPU.
+
+**Predict first:** the simulator gave cache-aware routing a much higher hit rate than round
+robin (section 3). Will the real servers show the same gap? Think about how many different
+system prompts there are (three) and how many a replica's 128-block pool can hold at once.
 """)
 nb.code("""
 # requires: model
@@ -205,22 +224,24 @@ for s in servers:
 with concurrent.futures.ThreadPoolExecutor(3) as pool:  # start side by side: each loads the model
     list(tqdm(pool.map(lambda s: s.__enter__(), servers), total=3, desc="starting replicas"))
 BACKENDS = [s.base_url for s in servers]
-router = stack.enter_context(ServerProcess(lambda port: router_command(BACKENDS, port, "cache_aware"), env=ENV, name="router"))
-print("router", router.base_url, "over", BACKENDS)
+routers = {pol: stack.enter_context(ServerProcess(lambda port, pol=pol: router_command(BACKENDS, port, pol), env=ENV, name=f"router-{pol}"))
+           for pol in ("round_robin", "cache_aware")}
+router = routers["cache_aware"]
+print("routers", {pol: r.base_url for pol, r in routers.items()}, "over", BACKENDS)
 print(httpx.get(router.base_url + "/health").json())
 """)
 nb.code("""
 # requires: model
-async def stream(client, prompt, max_tokens=12):
+async def stream(client, base_url, prompt, max_tokens=12):
     body = {"model": "smol", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     start, first = time.perf_counter(), None
-    async with client.stream("POST", router.base_url + "/v1/completions", json=body) as resp:
+    async with client.stream("POST", base_url + "/v1/completions", json=body) as resp:
         async for line in resp.aiter_lines():
             if first is None and line.startswith("data: {"):
                 first = time.perf_counter() - start
     return first
 
-async def run_load(prompts, concurrency=6, every=0.5):
+async def run_load(base_url, prompts, concurrency=6, every=0.5):
     monitor, stop, sem = mon.PerformanceMonitor(BACKENDS), asyncio.Event(), asyncio.Semaphore(concurrency)
     async def sample():
         while not stop.is_set():
@@ -230,17 +251,34 @@ async def run_load(prompts, concurrency=6, every=0.5):
         sampler = asyncio.create_task(sample())
         async def one(p):
             async with sem:
-                return await stream(client, p.text)
+                return await stream(client, base_url, p.text)
         ttfts = await asyncio.gather(*(one(p) for p in prompts))
         stop.set(); await sampler
     monitor.collect_metrics()
     return ttfts, monitor.metrics
 
-ttfts, snaps = await run_load(shared_prefix_workload(24, num_prefixes=3, seed=7))
-print(f"{len(ttfts)} requests, client-side TTFT p50 {np.percentile(ttfts, 50):.2f} s, p99 {np.percentile(ttfts, 99):.2f} s")
+def hit_rate(first, last):  # prefix-cache hit rate of the requests between two snapshots, all replicas together
+    d = lambda key: sum(last["backends"][u][key] - first["backends"][u][key] for u in BACKENDS)
+    return d("prefix_cache_hits") / max(d("prefix_cache_queries"), 1)
+
+async with httpx.AsyncClient(timeout=300) as _client:  # warm every replica up (unmeasured, unshared prompts)
+    await asyncio.gather(*(stream(_client, routers["round_robin"].base_url, f"Warm-up {i}: count to three.") for i in range(3)))
+runs = {}
+for pol, seed in (("round_robin", 8), ("cache_aware", 7)):  # one run each, same workload shape, fresh prefixes
+    ttfts, snaps = await run_load(routers[pol].base_url, shared_prefix_workload(24, num_prefixes=3, seed=seed))
+    runs[pol] = (ttfts, snaps)
+    print(f"{pol:12} {len(ttfts)} requests, client-side TTFT p50 {np.percentile(ttfts, 50):.2f} s, "
+          f"p99 {np.percentile(ttfts, 99):.2f} s, prefix-cache hit rate {hit_rate(snaps[0], snaps[-1]):.0%}")
+rr_hit, ca_hit = (hit_rate(runs[p][1][0], runs[p][1][-1]) for p in ("round_robin", "cache_aware"))
+rr_p50, ca_p50 = (np.percentile(runs[p][0], 50) for p in ("round_robin", "cache_aware"))
+ratio = ca_p50 / rr_p50
+speed = "lower" if ratio < 0.9 else "higher" if ratio > 1.1 else "about the same (within 10%: noise at this size)"
+print(f"cache_aware vs round_robin in this run: hit rate {ca_hit:.0%} vs {rr_hit:.0%} "
+      f"({'higher' if ca_hit > rr_hit else 'not higher'}), TTFT p50 {ratio:.2f}x, {speed} "
+      f"(one run each on a possibly busy CPU: a ratio, not a benchmark)")
 for url in BACKENDS:
     m = snaps[-1]["backends"][url]
-    print(url, f"prefix-cache hit rate {m['prefix_cache_hit_rate']:.0%}, TTFT p50 {m['ttft']['p50']:.2f} s (server histogram)")
+    print(url, f"cumulative prefix-cache hit rate {m['prefix_cache_hit_rate']:.0%}, TTFT p50 {m['ttft']['p50']:.2f} s (server histogram)")
 print("GPU:", snaps[-1]["gpu_status"], "| CPU", snaps[-1]["cpu_percent"], "% | memory", snaps[-1]["memory_percent"], "%")
 """)
 nb.tests("""
@@ -293,6 +331,10 @@ nb.md("""
 - `/metrics` under vLLM's names is the contract: the same monitor, `deploy/prometheus.yml` and
   `deploy/grafana-dashboard.json` read the lab server and a real vLLM. Histograms give
   percentiles only by interpolating inside buckets, as `histogram_quantile` does.
+- On the real servers section 4 printed both policies' hit rates side by side: with only three
+  system prompts and room for all of them in each replica's pool, round robin also gets hits
+  once every replica has seen every prompt, so the gap need not be as large as in the simulator, and
+  the TTFT difference can vanish in the noise of one small run.
 - `servinglab bench router` measures the policies on three real servers (`--with-vllm` makes
   one of them a real vLLM server).
 

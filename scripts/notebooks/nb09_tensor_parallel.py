@@ -28,8 +28,11 @@ GPUs): `LLM(model, tensor_parallel_size=k)`, as in vLLM.
 
 The setup cell loads your module as `tp` (`load_part("tensor_parallel")`).
 
-Nothing here needs the prepared model, vLLM or a GPU (the model has random weights). In the
-other notebooks, code cells starting with `# requires: ...` print why they skip on a machine
+Nothing here needs the prepared model, vLLM or a GPU (the model has random weights).
+**CPU only, on purpose:** the ranks run on the CPU over gloo on every machine, because the
+exact float32 equality of section 4 needs CPU arithmetic and a one-GPU runner has no second
+GPU for rank 1; the GPU run (NCCL, where TP pays) is one command, given in section 6, so
+there is no `# requires: cuda` section. In the other notebooks, code cells starting with `# requires: ...` print why they skip on a machine
 without it (a GPU runner without the model, a laptop without vLLM); the set-up cell prints
 what this machine has.
 """)
@@ -207,6 +210,7 @@ logits (`servinglab/engine/tp_executor.py`). A tiny random Llama in float32 must
 a small machine (each process imports torch and transformers).
 """)
 nb.code("""
+import time
 from servinglab import LLM, SamplingParams
 from servinglab.model.weights import random_model, tiny_llama_config
 
@@ -220,12 +224,21 @@ common = dict(hf_config=cfg, dtype="float32", device="cpu", block_size=4, num_kv
               max_model_len=64)
 
 llm1 = LLM(model_obj=random_model(cfg, dtype=torch.float32, seed=0), **common)
+warm = SamplingParams(temperature=0.0, max_tokens=2)  # a first call pays one-off set-up: keep it out of the timing
+llm1.generate(prompts[:1], warm)
+t0 = time.perf_counter()
 tokens1 = [o.outputs[0].token_ids for o in llm1.generate(prompts, greedy)]
+seconds1 = time.perf_counter() - t0  # the same prompts and tokens at TP=1 and TP=2: section 6 compares them
 llm2 = LLM(model_obj=random_model(cfg, dtype=torch.float32, seed=0), tensor_parallel_size=2,
            extra={"tp_profile_collectives": True}, **common)
+llm2.generate(prompts[:1], warm)
+steps0 = llm2.engine.num_steps
+llm2.engine.tp_executor.rank_stats(reset=True)  # count the timed run's collectives only
+t0 = time.perf_counter()
 outs2 = llm2.generate(prompts, greedy)
+seconds2 = time.perf_counter() - t0  # ranks already started: start-up is not counted
 tokens2 = [o.outputs[0].token_ids for o in outs2]
-steps = llm2.engine.num_steps
+steps = llm2.engine.num_steps - steps0
 stats = llm2.engine.tp_executor.rank_stats()
 llm2.engine.tp_executor.shutdown()
 print("TP=2 tokens equal TP=1:", tokens2 == tokens1, "| preemptions:", sum(o.metrics.num_preemptions for o in outs2))
@@ -273,6 +286,9 @@ per-rank config, on PyTorch's `meta` device, so no memory is used) and counts it
 parameters and its KV bytes per token. Llama-2-70B (config.json: 80 layers, hidden 8192,
 64 heads, 8 KV heads, head_dim 128, intermediate 28672, vocab 32000, fp16) on 80 GiB GPUs
 with vLLM's default `gpu_memory_utilization=0.9` and 16-token blocks.
+
+**Predict first** (Part 1's formula, on paper): about how many GiB of fp16 weights does
+each of 4 GPUs hold, and how many full 4,096-token sequences fit in what is left of 72 GiB?
 """)
 nb.code("""
 from transformers import LlamaConfig
@@ -343,16 +359,32 @@ assert f4["kv_bytes_per_token"] == 2 * 80 * 2 * 128 * 2
 """, "fit70b_test", points=2)
 
 nb.md("""
-## 6. Why TP makes this CPU slower, and when it pays
+## 6. Is TP faster on this CPU, and when does it pay?
 
-`servinglab bench tp` measures TP=1 against TP=k (tokens/s, per-rank memory, time in
-collectives next to the computed volume). On a 2-core CPU, TP=2 is *slower*: the two
-ranks share the same two cores (each gets one thread instead of two), every layer adds
-two gloo all-reduces through the loopback network stack (tens of microseconds each
-even for a few KiB), and the driver pickles every step's inputs to each rank. Tensor
-parallelism pays when each rank has its *own* memory bandwidth and compute (a GPU) and
-the interconnect is fast (NVLink: hundreds of GB/s), so the time saved reading `1/k`
-of the weights outweighs the all-reduces. To run it on a GPU box:
+**Predict first:** section 4 ran the same six prompts (12 tokens each) at TP=1 and TP=2 and
+timed both `generate` calls (rank start-up excluded). Is TP=2 faster or slower here, and by
+roughly how much? Then run the cell.
+""")
+nb.code("""
+coll_s = sum(stats[0]["collectives"]["seconds"].values())
+print(f"TP=1 {seconds1:.2f} s, TP=2 {seconds2:.2f} s for the same {len(prompts)} prompts x {greedy.max_tokens} tokens: "
+      f"TP=2 is {seconds1 / seconds2:.2f}x the speed of TP=1 ({'faster' if seconds2 < seconds1 else 'slower'}; one run, this machine)")
+print(f"rank 0 spent {coll_s:.2f} s in {sum(calls.values())} collectives ({coll_s / seconds2:.0%} of the TP=2 run)")
+""")
+nb.md("""
+What to expect depends on the machine. On an idle CPU with a few cores, TP=2 should be the
+slower one: the two ranks share the same cores (each gets a share instead of all of them),
+every layer adds two gloo all-reduces through the loopback network stack (tens of
+microseconds each even for a few KiB), and the driver pickles every step's inputs to each
+rank. On a *busy* machine the ranks can come out ahead anyway: they are two more processes
+competing for the cores, so together they may get more CPU time than the one notebook
+process, which says more about the operating system's scheduler than about TP. Either way,
+the share of the TP=2 run spent in collectives (printed above) is the cost TP adds.
+`servinglab bench tp` measures the same thing at
+a larger scale (tokens/s, per-rank memory, time in collectives next to the computed
+volume). Tensor parallelism pays when each rank has its *own* memory bandwidth and compute
+(a GPU) and the interconnect is fast (NVLink: hundreds of GB/s), so the time saved reading
+`1/k` of the weights outweighs the all-reduces. To run it on a GPU box:
 `servinglab bench tp --device cuda --random-weights smollm2-1.7b --tp 2 4`.
 
 ## Recap

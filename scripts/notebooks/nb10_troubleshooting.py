@@ -27,6 +27,13 @@ Machines differ, and a shared CPU makes timings noisy: rerun a cell if a result 
 Sections 1-3 need the prepared model, and their vLLM runs need vLLM as well: code cells
 starting with `# requires: ...` print why they skip on a machine without it (a GPU runner
 without the model, a laptop without vLLM); the set-up cell prints what this machine has.
+
+Both engines run in the same dtype: the lab engine's `auto` on a CPU (bfloat16 where the CPU
+has bfloat16 instructions, AVX512-BF16 or AMX; float32 otherwise, where bfloat16 would be
+emulated and slow: `setup_guide.md`), passed to vLLM as `dtype`, so the two are compared on
+equal terms. **CPU only, on purpose:** the four problems are configuration problems and show
+the same way on a CPU; the one GPU-only fix (CUDA graphs, section 3) is named there with how
+to measure it, so there is no `# requires: cuda` section.
 """)
 nb.setup()
 nb.code("""
@@ -37,7 +44,10 @@ import matplotlib.pyplot as plt
 from servinglab import LLM, SamplingParams
 from servinglab.model.prepare import default_model_dir
 from servinglab.model.cache import KVCacheSpec
+from servinglab.model.dtypes import resolve_dtype
 MODEL = str(default_model_dir())   # where `servinglab prepare-model` writes the model
+DTYPE = resolve_dtype("auto", "cpu")  # the lab engine's dtype on this CPU; vLLM gets the same
+print("dtype of both engines:", DTYPE)
 SPEC = KVCacheSpec(num_layers=30, num_kv_heads=3, head_dim=64)   # SmolLM2-135M (docs/references.md, section 1)
 KV_BYTES = 64 * 2**20              # the KV budget of section 1, on both engines
 """)
@@ -49,14 +59,17 @@ vLLM checks at start-up that the KV cache can hold at least one request of
 `max_model_len` tokens, and refuses to start otherwise. SmolLM2-135M allows 8,192
 positions. Give vLLM 64 MiB of KV cache (`kv_cache_memory_bytes`; on a GPU the same happens
 when `gpu_memory_utilization` leaves too little after the weights) and ask for the full
-context:
+context.
+
+**Predict first:** with Part 1's formula, how many tokens of SmolLM2's KV fit in 64 MiB in
+this notebook's dtype? Will vLLM start?
 """)
 nb.code("""
 # requires: model, vllm
 from vllm import LLM as VllmLLM, SamplingParams as VllmParams
 t0 = time.perf_counter()
 try:
-    VllmLLM(model=MODEL, max_model_len=8192, kv_cache_memory_bytes=KV_BYTES, enforce_eager=True, seed=0)
+    VllmLLM(model=MODEL, max_model_len=8192, kv_cache_memory_bytes=KV_BYTES, enforce_eager=True, seed=0, dtype=DTYPE)
     vllm_error = None
 except ValueError as exc:
     vllm_error = str(exc)
@@ -66,14 +79,15 @@ assert vllm_error is not None and "max seq len" in vllm_error
 nb.md("""
 The message has everything: the KV needed for one 8,192-token request, what is
 available, and the longest context that would fit. Your Part 1 predicts the first number
-(vLLM's KV dtype here is the model's bfloat16):
+(vLLM's KV cache is in the dtype it runs in, `DTYPE`):
 """)
 nb.code("""
 # requires: model, vllm
-needed = kv.calculate_kv_cache_memory(SPEC, 8192, dtype="bfloat16").total_bytes
+needed = kv.calculate_kv_cache_memory(SPEC, 8192, dtype=DTYPE).total_bytes
+fits = KV_BYTES // kv.calculate_kv_cache_memory(SPEC, 1, dtype=DTYPE).total_bytes
 estimated = int(re.search(r"estimated maximum model length is (\\d+)", vllm_error).group(1))
 print(f"Part 1: one 8,192-token request needs {needed / 2**30:.3f} GiB of KV; vLLM has {KV_BYTES / 2**30:.3f} GiB")
-print(f"vLLM's estimate of the longest context that fits: {estimated} tokens")
+print(f"vLLM's estimate of the longest context that fits: {estimated} tokens (Part 1: {fits} tokens in {DTYPE})")
 """)
 nb.md("""
 **The fix** the message suggests: lower `max_model_len` (or give the cache more memory).
@@ -84,7 +98,8 @@ nb.code("""
 # requires: model, vllm
 fixed_len = estimated // 1024 * 1024
 t0 = time.perf_counter()
-vllm_llm = VllmLLM(model=MODEL, max_model_len=fixed_len, kv_cache_memory_bytes=KV_BYTES, enforce_eager=True, seed=0)
+vllm_llm = VllmLLM(model=MODEL, max_model_len=fixed_len, kv_cache_memory_bytes=KV_BYTES, enforce_eager=True, seed=0,
+                   dtype=DTYPE)
 print(f"max_model_len={fixed_len}: vLLM started in {time.perf_counter() - t0:.0f} s")
 cache = vllm_llm.llm_engine.vllm_config.cache_config
 kv_dtype = vllm_llm.llm_engine.model_config.dtype
@@ -104,7 +119,7 @@ The lab engine takes the same memory budget the other way round: it starts with 
 """)
 nb.code("""
 # requires: model
-lab_small = LLM(model=MODEL, max_model_len=8192, kv_cache_memory_gib=KV_BYTES / 2**30)
+lab_small = LLM(model=MODEL, max_model_len=8192, kv_cache_memory_gib=KV_BYTES / 2**30, dtype=DTYPE)
 print(f"lab engine: pool of {lab_small.engine.num_kv_blocks} blocks x {lab_small.engine.config.block_size} tokens "
       f"(your num_kv_blocks)")
 try:
@@ -122,7 +137,10 @@ The guide's advice for low throughput is to raise `max_num_seqs` (sequences per 
 and `max_num_batched_tokens` (new tokens per step). Decode reads all the weights every
 step whatever the batch (Part 1), so a batch limit of 1 makes every token pay a whole
 step. The same 8 requests (prompts of 16-32 tokens, 16 output tokens each), on vLLM and on
-the lab engine, with `max_num_seqs` 1 and 8:
+the lab engine, with `max_num_seqs` 1 and 8.
+
+**Predict first:** how much more throughput should `max_num_seqs=8` give than 1, if a step's
+cost barely grows with the batch? Will the measured gain be that large on a CPU?
 """)
 nb.code("""
 from servinglab.bench.workloads import random_workload
@@ -134,7 +152,7 @@ nb.code("""
 # requires: model, vllm
 def vllm_tokens_per_s(max_num_seqs):
     llm = VllmLLM(model=MODEL, max_model_len=512, kv_cache_memory_bytes=KV_BYTES, enforce_eager=True, seed=0,
-                  max_num_seqs=max_num_seqs)
+                  max_num_seqs=max_num_seqs, dtype=DTYPE)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in WORK]
     params = VllmParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     llm.generate(prompts[:1], VllmParams(max_tokens=2), use_tqdm=False)            # warm-up
@@ -151,7 +169,7 @@ for n in (1, 8):
 nb.code("""
 # requires: model
 def lab_run(**limits):
-    llm = LLM(model=MODEL, max_model_len=512, enable_prefix_caching=False, **limits)
+    llm = LLM(model=MODEL, max_model_len=512, enable_prefix_caching=False, dtype=DTYPE, **limits)
     llm.generate([WORK[0].prompt_token_ids], SamplingParams(max_tokens=2), use_tqdm=False)   # warm-up
     llm.engine.record_steps, llm.engine.step_log = True, []
     t0 = time.perf_counter()
@@ -170,7 +188,8 @@ for system in [s for s in ("vLLM", "lab") if (s, 1) in batch_runs]:   # vLLM's r
 nb.md("""
 The token budget is the other limit. A budget smaller than the prompts forces every prompt
 through several steps (chunked prefill), and it also caps how many sequences can decode in
-one step. The lab engine with `max_num_seqs=8` and three budgets:
+one step. The lab engine with `max_num_seqs=8` and three budgets. **Predict first:** which
+budget is slowest, and why?
 """)
 nb.code("""
 # requires: model
@@ -205,10 +224,19 @@ budget (Sarathi-Serve's stall-free batches, `docs/references.md` section 4) each
 the decodes plus one chunk of the prompt, so no gap is much longer than one chunk's step.
 The long prompt now needs many steps instead of one, so its own first token *can* come
 later; whether it does depends on how a step's cost grows with its tokens on your machine
-(a very long single step can cost more than its chunks together). The last printed line
-says what happened in your run. The guide's "high latency" fixes
-(`enforce_eager=False` for CUDA graphs, the "v2 block manager", recompute preemption) are
-GPU or old-vLLM switches; on vLLM V1 the lever that remains is this one, the token budget.
+(a very long single step can cost more than its chunks together). The printed lines say
+what happened in your run.
+
+**Predict first:** with chunking, will *every* gap be close to a plain decode step, or only
+the worst one shorter? (Each step that carries a 64-token chunk does more work than a pure
+decode step.)
+
+The guide's other "high latency" fixes: `enforce_eager=False` lets vLLM capture CUDA graphs
+of its decode steps, which on a GPU shortens every step (a real lever there: the step is
+host bound, see notebook 03); vLLM's CPU backend has no CUDA graphs, so on this machine it
+changes nothing. The "v2 block manager" is gone in vLLM V1 (one KV cache manager), and the
+preemption mode matters only once the pool runs out. On a CPU, then, the lever left is the
+one measured here: chunked prefill and its token budget.
 """)
 nb.code("""
 # requires: model
@@ -231,16 +259,17 @@ def stall_run(chunked, budget):
         done.update({o.request_id: o for o in eng.step() if o.finished})
         steps += 1
     gaps = [b - a for rid in decoders for a, b in zip(done[rid].metrics.token_times, done[rid].metrics.token_times[1:])]
+    slow = float(np.mean(np.array(gaps) > 2 * np.median(gaps)))
     prefill_steps = [(n, 1000 * (r.end - r.start)) for r in eng.step_log for sid, n, pre in r.scheduled
                      if sid == long_sid and pre]
-    return {"max_itl_ms": 1000 * max(gaps), "p50_itl_ms": 1000 * float(np.median(gaps)),
+    return {"max_itl_ms": 1000 * max(gaps), "p50_itl_ms": 1000 * float(np.median(gaps)), "slow_share": slow,
             "long_ttft_ms": 1000 * done[long_id].metrics.ttft, "gaps": gaps, "prefill_steps": prefill_steps}
 
 
 stalls = {"no chunking, budget 1024": stall_run(False, 1024), "chunked, budget 64": stall_run(True, 64)}
 for name, r in stalls.items():
-    print(f"{name:26s} decoders' ITL: median {r['p50_itl_ms']:.0f} ms, max {r['max_itl_ms']:.0f} ms | "
-          f"long prompt's TTFT {r['long_ttft_ms']:.0f} ms")
+    print(f"{name:26s} decoders' ITL: median {r['p50_itl_ms']:.0f} ms, max {r['max_itl_ms']:.0f} ms, "
+          f"{r['slow_share']:.0%} of gaps over twice the median | long prompt's TTFT {r['long_ttft_ms']:.0f} ms")
 before, after = stalls["no chunking, budget 1024"], stalls["chunked, budget 64"]
 for name, r in stalls.items():
     tokens, ms = zip(*r["prefill_steps"])
@@ -250,6 +279,8 @@ cut = before["max_itl_ms"] / after["max_itl_ms"]
 print((f"chunking cut the worst gap {cut:.1f}-fold" if cut > 1 else
        f"here chunking did not cut the worst gap ({cut:.2f}x): timing noise on a busy machine can exceed the effect, rerun")
       + f"; the long prompt's TTFT changed {after['long_ttft_ms'] / before['long_ttft_ms']:.1f}x (on this machine)")
+print(f"with chunking, {after['slow_share']:.0%} of the decoders' gaps were over twice their median "
+      f"({'ITL is not flat: the steps that carry a chunk are slower' if after['slow_share'] > 0.05 else 'ITL stayed nearly flat'})")
 fig, ax = plt.subplots(figsize=(8, 3.4))
 for name, r in stalls.items():
     ax.ecdf([g * 1000 for g in r["gaps"]], label=name)
@@ -281,8 +312,11 @@ nb.md("""
 - **Low throughput**: `max_num_seqs` and `max_num_batched_tokens` cap the batch; a cap of
   1 makes every token pay a full step. Your run printed the gain of lifting them.
 - **High latency between tokens**: an unchunked long prefill stalls every running
-  request; chunked prefill with a modest token budget keeps ITL flat. The long prompt's
-  own TTFT may rise or fall with it: your run printed which.
+  request; chunked prefill with a modest token budget bounds the worst gap by one chunk's
+  step instead of the whole prefill. It does not make ITL flat: the steps that carry a chunk
+  are slower than pure decode steps (your run printed what share of gaps were over twice
+  the median). The long prompt's own TTFT may rise or fall with it: your run printed which.
+  On a GPU, CUDA graphs (`enforce_eager=False`) shorten every step as well.
 
 **What vLLM does differently.** vLLM V1 schedules with chunked prefill by default, chooses `max_num_seqs` and `max_num_batched_tokens`
 defaults per platform and usage context when you leave them unset, and checks the KV

@@ -4,6 +4,13 @@ Model shapes are the published config.json values collected in docs/references.m
 hidden, heads, kv heads, head_dim, vocab) plus each config.json's ``intermediate_size``
 and ``tie_word_embeddings``. Expected numbers are worked out here from first principles,
 not read back from the code under test.
+
+Bugs these tests guard against, each caught by at least two of them (a published or
+hand-computed number, and a comparison with the bytes the runtime really allocates;
+``scripts/mutation_check.py`` plants them): K and V not both counted; query heads used
+where the KV heads belong (grouped-query attention ignored); the weights not divided
+among tensor-parallel ranks; blocks per sequence rounded down instead of up; tied
+embeddings counted twice in the parameter count (and so in the default weight bytes).
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ def test_dtype_names_and_torch_dtypes(kv_cache):
 
 
 @pytest.mark.part(1)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_seed_formula_overstates_gqa_models(kv_cache):
     """docs/references.md: a hidden_size-based formula overstates GQA models by heads / kv_heads."""
     expected_ratio = {"Llama-2-70B": 8, "Llama-3.1-8B": 4, "SmolLM2-135M": 3, "Llama-2-13B": 1, "Llama-2-7B": 1}
@@ -90,7 +97,7 @@ def test_seed_formula_overstates_gqa_models(kv_cache):
 
 
 @pytest.mark.part(1)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_from_config_json(kv_cache, tmp_path):
     # Fields as in meta-llama/Llama-3.1-8B's config.json (other keys omitted).
     cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
@@ -130,15 +137,17 @@ def expected_fit(name: str, seq_len: int, weight_dtype_bytes: int, tp: int = 1, 
 
 
 @pytest.mark.part(1)
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_max_concurrent_sequences_on_80gb(kv_cache):
     # Llama-2-7B fp16: 72 GiB budget - 12.55 GiB weights = 59.45 GiB of 8 MiB blocks -> 7609 blocks, 256 per 4k seq.
     s7 = shape(kv_cache, "Llama-2-7B")
     assert expected_fit("Llama-2-7B", 4096, 2) == (7609, 29), "the test's own reference calculation changed (course bug, not yours)"
     assert kv_cache.num_kv_blocks(s7, GPU_80GB, gpu_memory_utilization=0.9, block_size=16, dtype="float16") == 7609, "num_kv_blocks: (memory x utilization - weight bytes) // (block_size x KV bytes per token)"
     assert kv_cache.max_concurrent_sequences(s7, GPU_80GB, 4096, gpu_memory_utilization=0.9, dtype="float16") == 29, "max_concurrent_sequences = num_kv_blocks // ceil(seq_len / block_size)"
-    # A sequence one token past a block boundary needs a whole extra block.
-    assert kv_cache.max_concurrent_sequences(s7, GPU_80GB, 4097, dtype="float16") == 7609 // 257, "a 4,097-token sequence needs ceil(4097 / 16) = 257 blocks"
+    # A sequence one token past a block boundary needs a whole extra block: 7609 // 3 = 2536, not 7609 // 2.
+    assert kv_cache.max_concurrent_sequences(s7, GPU_80GB, 33, gpu_memory_utilization=0.9, dtype="float16") == 2536, (
+        "a 33-token sequence needs ceil(33 / 16) = 3 blocks of 16: 7609 // 3 = 2536 sequences"
+    )
     s31 = shape(kv_cache, "Llama-3.1-8B")
     assert kv_cache.max_concurrent_sequences(s31, GPU_80GB, 4096, dtype="bf16") == expected_fit("Llama-3.1-8B", 4096, 2)[1], "Llama-3.1-8B: GQA (8 KV heads) fits about four times the requests of Llama-2-7B"
     # Llama-2-70B cannot fit on one 80 GiB GPU in fp16; with TP=4 each GPU holds a quarter of weights and KV heads.
@@ -152,7 +161,7 @@ def test_max_concurrent_sequences_on_80gb(kv_cache):
 
 
 @pytest.mark.part(1)
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_prediction_matches_real_allocation(kv_cache):
     """The runtime's real cache tensors take exactly the predicted bytes (SmolLM2-135M shape)."""
     s = shape(kv_cache, "SmolLM2-135M")
@@ -165,10 +174,26 @@ def test_prediction_matches_real_allocation(kv_cache):
         # Given exactly that much memory for the cache, num_kv_blocks finds the same number of blocks.
         assert kv_cache.num_kv_blocks(s, real, 1.0, block_size, dtype, weight_bytes=0) == num_blocks, "memory that holds exactly num_blocks blocks must give num_blocks"
         assert kv_cache.num_kv_blocks(s, real - 1, 1.0, block_size, dtype, weight_bytes=0) == num_blocks - 1, "one byte less than num_blocks blocks must give num_blocks - 1 (round down)"
+        # Sequences one token longer than a block need two blocks each (ceil, not floor).
+        assert kv_cache.max_concurrent_sequences(s, real, block_size + 1, 1.0, block_size, dtype, weight_bytes=0) == num_blocks // 2, (
+            f"a {block_size + 1}-token sequence occupies 2 blocks of {block_size}: {num_blocks} blocks hold {num_blocks // 2} of them"
+        )
+    # Default weight_bytes: SmolLM2-135M has 134,515,008 parameters (its embedding is tied to the LM head,
+    # so counted once), 269,030,016 bytes in bf16. Memory for the weights plus 12 blocks gives 12 blocks.
+    real = kv_cache_nbytes(allocate_kv_cache(spec, 12, 16, torch.bfloat16))
+    assert kv_cache.num_kv_blocks(s, 134_515_008 * 2 + real, 1.0, 16, torch.bfloat16) == 12, (
+        "weights + 12 blocks of memory must give 12 blocks: default weight_bytes = num_parameters() x 2 bytes, tied embeddings counted once"
+    )
+    # Tensor parallelism: each of 3 ranks holds 1 of SmolLM2's 3 KV heads and a third of the weights.
+    one_head = kv_cache_nbytes(allocate_kv_cache(KVCacheSpec(num_layers=30, num_kv_heads=1, head_dim=64), 10, 16, torch.bfloat16))
+    weights = 300_000_000
+    assert kv_cache.num_kv_blocks(s, weights // 3 + one_head, 1.0, 16, torch.bfloat16, weight_bytes=weights, tensor_parallel_size=3) == 10, (
+        "TP=3: a rank's memory = weight_bytes / 3 + its cache (1 KV head of 3) must give the blocks that cache holds"
+    )
 
 
 @pytest.mark.part(1)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_bad_input_raises_value_error(kv_cache):
     s = shape(kv_cache, "Llama-3.1-8B")
     assert kv_cache.max_concurrent_sequences(s, GPU_80GB, 4096, dtype="bf16") > 0, "valid input must give a positive answer"  # good input works

@@ -5,6 +5,14 @@ The ``block_manager`` fixture is the module under test (``solutions.block_manage
 free queue's order: a fresh manager hands out 0, 1, 2, ... and a freed block goes to the
 back of the queue (least recently freed is reused first), as in vLLM v1's block pool.
 Sharing, copy-on-write and prefix caching follow Kwon et al., SOSP 2023 (section 4.4).
+
+Bugs these tests guard against, each caught by at least two of them (exact block ids in
+hand-made cases, and random workloads checked against the invariants;
+``scripts/mutation_check.py`` plants them): a block hash that does not chain its parent's;
+a free queue that hands out the most recently freed block first; the prompt's last token
+cached, so a whole prompt can be a hit; copy-on-write that keeps its reference to the
+shared block; a deallocation that frees head blocks first, so eviction takes the wrong
+end of a sequence.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ def prefill(m, seq_id: int, tokens: list[int]) -> int:
 
 
 @pytest.mark.part(2)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_allocate_gives_ceil_blocks_in_free_order(block_manager: ModuleType) -> None:
     m = make(block_manager, num_blocks=8)
     assert isinstance(m, BlockManagerProtocol), "the runtime's contract"
@@ -105,7 +113,7 @@ def test_deallocate_returns_blocks(block_manager: ModuleType) -> None:
 
 
 @pytest.mark.part(2)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_out_of_blocks(block_manager: ModuleType) -> None:
     m = make(block_manager, num_blocks=3)
     assert issubclass(block_manager.NoFreeBlocksError, RuntimeError)
@@ -143,7 +151,7 @@ def test_fork_shares_every_block(block_manager: ModuleType) -> None:
 
 
 @pytest.mark.part(2)
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_copy_on_write(block_manager: ModuleType) -> None:
     m = make(block_manager, num_blocks=3)
     m.allocate_blocks(1, list(range(6)))  # [0, 1]; block 1 is half full
@@ -188,7 +196,7 @@ def test_copy_on_write(block_manager: ModuleType) -> None:
 
 
 @pytest.mark.part(2)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_prefix_cache_shares_full_blocks(block_manager: ModuleType) -> None:
     m = make(block_manager, num_blocks=8, caching=True)
     a = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
@@ -211,7 +219,7 @@ def test_prefix_cache_shares_full_blocks(block_manager: ModuleType) -> None:
 
 
 @pytest.mark.part(2)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_last_token_is_never_cached(block_manager: ModuleType) -> None:
     m = make(block_manager, num_blocks=8, caching=True)
     a = list(range(100, 108))  # exactly two full blocks

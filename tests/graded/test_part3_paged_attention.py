@@ -5,6 +5,13 @@ Every expected value is dense causal attention computed here in float64 with pla
 the paged cache itself through shuffled block tables. Unused cache slots hold large
 garbage, so reading past a sequence's context or through a padded block-table entry
 shows up as a wrong answer.
+
+Bugs these tests guard against, each caught by at least two of them here and in
+``test_part3b_paged_attention_triton.py`` (``scripts/mutation_check.py`` plants them): a
+prefill mask not shifted by the cached prefix; a decode mask that lets one position past
+the context through; query head h reading KV head h modulo the KV heads instead of its
+group's; keys written into the value cache; a Triton kernel whose online softmax does not
+rescale its accumulator.
 """
 
 from __future__ import annotations
@@ -150,7 +157,7 @@ def test_decode_only_ragged_batch(paged_attention, block_size, heads, kv_heads):
 
 
 @pytest.mark.part(3)
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_prefill_after_cached_prefix(paged_attention, block_size):
     """Context longer than the query: a prefix-cache hit, or a later chunk of a chunked prefill."""
@@ -202,7 +209,7 @@ def test_bfloat16(paged_attention):
 
 
 @pytest.mark.part(3)
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_write_then_attend_like_the_model(paged_attention):
     """Prefill a prompt in two chunks, then decode, writing K/V with write_to_kv_cache each step."""
     gen = torch.Generator().manual_seed(70)

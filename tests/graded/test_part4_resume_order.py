@@ -15,7 +15,7 @@ from test_part4_scheduler import FakeEngine
 
 
 @pytest.mark.part(4)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_preempted_sequence_resumes_before_later_arrivals(block_manager, scheduler) -> None:
     eng = FakeEngine(block_manager, scheduler, num_blocks=4, block_size=4)
     a, b = eng.add(7, max_tokens=6), eng.add(7, max_tokens=4)  # 2 blocks each: the pool is full

@@ -5,6 +5,13 @@ each ``schedule()`` every scheduled sequence's ``num_computed_tokens`` advances 
 ``num_new_tokens``, full blocks go to the prefix cache, and a sequence whose tokens are
 all computed gets one fake sampled token, finishing at its target length. The block
 manager is the real Part 2 implementation under test.
+
+Bugs these tests guard against, each caught by at least two of them (exact schedules in
+hand-made cases, and the invariants :meth:`FakeEngine.check` asserts on every step of
+random workloads; ``scripts/mutation_check.py`` plants them): preempting the oldest running
+sequence instead of the newest; a preempted sequence sent to the back of the queue;
+chunked prefill that ignores the token budget; ``max_num_seqs`` off by one; prefix-cache
+hits not counted as computed tokens, so a cached prefix is computed (and paid for) again.
 """
 
 from __future__ import annotations
@@ -107,6 +114,9 @@ class FakeEngine:
             assert seq.status is SequenceStatus.RUNNING, (
                 f"scheduled sequence {seq.seq_id} has status {seq.status}: admission sets seq.status = RUNNING")
             assert any(r is seq for r in sched.running), f"scheduled sequence {seq.seq_id} is not in scheduler.running"
+            assert seq.num_computed_tokens >= seq.num_cached_tokens, (
+                f"sequence {seq.seq_id}: {seq.num_cached_tokens} tokens came from the prefix cache but only "
+                f"{seq.num_computed_tokens} count as computed: admission sets num_computed_tokens to the hit count")
             assert seq.num_computed_tokens + s.num_new_tokens <= seq.num_tokens, (
                 f"sequence {seq.seq_id}: {seq.num_computed_tokens} computed + {s.num_new_tokens} new > its {seq.num_tokens} tokens")
             # The K/V slots this step writes must exist in the block table.
@@ -132,7 +142,7 @@ def new_tokens(out: SchedulerOutput) -> list[tuple[Sequence, int]]:
     return [(s.seq, s.num_new_tokens) for s in out.scheduled]
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_prefill_then_decode(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler)
     a, b, c = eng.add(5), eng.add(3), eng.add(7)
@@ -150,7 +160,7 @@ def test_prefill_then_decode(block_manager, scheduler):
     eng.assert_all_free()
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_token_budget_respected_every_step(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, max_num_batched_tokens=8)
     seqs = [eng.add(10 + i, max_tokens=5) for i in range(6)]
@@ -161,7 +171,7 @@ def test_token_budget_respected_every_step(block_manager, scheduler):
     eng.assert_all_free()
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_max_num_seqs_respected(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, max_num_seqs=2)
     seqs = [eng.add(3, max_tokens=2 + i) for i in range(5)]
@@ -177,7 +187,7 @@ def test_max_num_seqs_respected(block_manager, scheduler):
     eng.assert_all_free()
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_running_before_waiting(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, max_num_batched_tokens=2)
     a, b = eng.add(1, max_tokens=2), eng.add(1, max_tokens=5)
@@ -209,7 +219,7 @@ def test_fcfs_admission_no_skipping(block_manager, scheduler):
     eng.assert_all_free()
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_chunked_prefill_interleaves_with_decode(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, max_num_batched_tokens=4)
     a = eng.add(2, max_tokens=10)
@@ -247,7 +257,7 @@ def test_no_chunking_when_disabled(block_manager, scheduler):
     eng.assert_all_free()
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 def test_preempts_newest_then_resumes(block_manager, scheduler):
     eng = FakeEngine(block_manager, scheduler, num_blocks=4, block_size=4)
     a, b = eng.add(7, max_tokens=4), eng.add(7, max_tokens=4)
@@ -302,6 +312,21 @@ def test_prefix_cache_hits_set_num_computed_tokens(block_manager, scheduler):
     assert b.num_computed_tokens == 11, "num_computed_tokens starts at the hit count (8), + 3 this step"
     eng.run()
     assert len(b.output_token_ids) == 2
+    eng.assert_all_free()
+
+
+@pytest.mark.points(2)
+def test_cached_prefix_costs_no_budget(block_manager, scheduler):
+    # Budget 4 tokens a step, blocks of 4. a (8 tokens) prefills in two chunks of 4 and caches two blocks.
+    # b = a's 8 tokens + 1 new: 8 are hits, so b costs 1 token of the budget and c (3 tokens) fits beside it.
+    eng = FakeEngine(block_manager, scheduler, num_blocks=16, block_size=4, prefix_caching=True, max_num_batched_tokens=4)
+    a = eng.add(list(range(100, 108)), max_tokens=1)
+    assert new_tokens(eng.step()) == [(a, 4)] and new_tokens(eng.step()) == [(a, 4)]
+    assert a.is_finished
+    b = eng.add(list(range(100, 108)) + [7], max_tokens=1)
+    c = eng.add([50, 51, 52], max_tokens=1)
+    assert new_tokens(eng.step()) == [(b, 1), (c, 3)], "b's 8 cached tokens are not computed again: 1 + 3 = 4 tokens this step"
+    eng.run()
     eng.assert_all_free()
 
 
@@ -403,7 +428,7 @@ def workloads(draw):
     )
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(4)
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(workload=workloads())
 def test_random_workloads_finish_cleanly(block_manager, scheduler, workload):

@@ -7,6 +7,13 @@ fails a given test with probability 1e-3 over seeds, and the seeds here are fixe
 the outcome is reproducible. Rejection rule, acceptance rate and the expected-speedup
 formulas are from Leviathan et al., ICML 2023 (arXiv 2211.17192), as collected in
 docs/references.md.
+
+Bugs these tests guard against, each caught by at least two of them (hand-computed
+cases, and laws or reference comparisons; ``scripts/mutation_check.py`` plants them): the
+acceptance test inverted; a rejected draft resampled from the target instead of the
+residual; every accepted draft counted instead of the leading run; the n-gram proposer
+taking the oldest match instead of the most recent; the expected tokens per step missing
+the bonus token.
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ def plain_greedy(fn, prompt: list[int], max_tokens: int) -> list[int]:
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(1)
+@pytest.mark.points(2)
 @pytest.mark.parametrize("draft", list(DRAFTS))
 def test_emitted_tokens_follow_target(speculative, draft):
     """First emitted token ~ p for any q; so is the second one, given the first was accepted (ALPHA = 1e-3)."""
@@ -132,7 +139,7 @@ def test_deterministic_proposer_keeps_target_law(speculative):
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_greedy_accepts_exactly_the_argmax(speculative):
     """One-hot target rows: drafts equal to the argmax are accepted, the first mismatch emits the argmax."""
     target_choice = torch.tensor([4, 1, 1, 0, 3])  # the target's argmax at rows 0..4 (row 4 is the bonus)
@@ -149,7 +156,7 @@ def test_greedy_accepts_exactly_the_argmax(speculative):
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(1)
+@pytest.mark.points(2)
 def test_all_accepted_adds_a_bonus_token_from_p(speculative):
     """Drafts the target is sure of are all accepted; the bonus comes from row k (ALPHA = 1e-3)."""
     gen = torch.Generator().manual_seed(4)
@@ -161,7 +168,7 @@ def test_all_accepted_adds_a_bonus_token_from_p(speculative):
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_batch_rows_are_independent(speculative):
     """Rows with different acceptance counts are padded with -1 and match their own single-row calls."""
     choice = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [0, 0, 0, 0], [5, 4, 3, 2]])
@@ -268,7 +275,44 @@ def test_leviathan_formulas(speculative):
 
 
 @pytest.mark.part(5)
-@pytest.mark.points(2)
+@pytest.mark.points(1)
+def test_expected_tokens_agree_with_the_rejection_sampler(speculative):
+    # Reference comparison: a deterministic draft of token 0 that the target gives probability a is
+    # accepted with probability a; a step emits the accepted drafts plus one token. The mean over
+    # 20,000 rows must agree with expected_tokens_per_step (standard error about 0.01).
+    gen = torch.Generator().manual_seed(5)
+    for a, k in ((0.7, 4), (0.4, 2)):
+        rows = 20_000
+        drafts = torch.zeros(rows, k, dtype=torch.long)
+        target = torch.tensor([a, 1 - a]).expand(rows, k + 1, 2).contiguous()
+        _, accepted = speculative.rejection_sample(drafts, None, target, gen)
+        emitted = float((accepted + 1).float().mean())
+        want = speculative.expected_tokens_per_step(a, k)
+        assert abs(emitted - want) < 0.05, f"a={a}, k={k}: the sampler emits {emitted:.3f} tokens a step, the formula says {want:.3f}"
+
+
+@pytest.mark.part(5)
+@pytest.mark.points(1)
+def test_ngram_matches_a_brute_force_search(speculative):
+    # Reference comparison over 300 seeded random sequences of a 3-token vocabulary (many repeats).
+    def brute(tokens, lo, hi, k):
+        for n in range(min(hi, len(tokens) - 1), lo - 1, -1):
+            starts = [i for i in range(len(tokens) - n) if tokens[i : i + n] == tokens[-n:]]
+            if starts:
+                return tokens[starts[-1] + n : starts[-1] + n + k]  # the latest earlier occurrence
+        return []
+
+    gen = torch.Generator().manual_seed(11)
+    for case in range(300):
+        tokens = torch.randint(0, 3, (int(torch.randint(1, 15, (1,), generator=gen)),), generator=gen).tolist()
+        lo = int(torch.randint(1, 4, (1,), generator=gen))
+        hi, k = lo + int(torch.randint(0, 3, (1,), generator=gen)), int(torch.randint(1, 5, (1,), generator=gen))
+        got = speculative.NgramProposer(lo, hi, k).propose(tokens)
+        assert got == brute(tokens, lo, hi, k), f"case {case}: propose({tokens}) with n in [{lo}, {hi}], k={k} gave {got}"
+
+
+@pytest.mark.part(5)
+@pytest.mark.points(3)
 def test_bad_input_raises_value_error(speculative):
     s = speculative
     for args, name in [((0, 2, 3), "prompt_lookup_min"), ((3, 2, 3), "prompt_lookup_max"), ((1, 2, 0), "num_speculative_tokens")]:

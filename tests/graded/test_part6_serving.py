@@ -5,6 +5,13 @@ percentiles were worked out by hand (definitions in the module docstring of
 ``solutions/serving.py``: vLLM's ``benchmark_serving`` definitions, numpy's linear
 percentiles). The engine tests drive a tiny random Llama through the lab backend; the
 runtime under it (Parts 2-4) is the reference, so only Part 6 is graded here.
+
+Bugs these tests guard against, each caught by at least two of them (hand-made
+timestamps, a numpy reference on random requests, the real engine;
+``scripts/mutation_check.py`` plants them): percentiles by nearest rank instead of linear
+interpolation; TPOT that includes the time to the first token; throughput over the sum of
+request latencies instead of the run's duration; a closed or cancelled stream whose
+requests keep running to ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -119,6 +126,31 @@ def test_latency_stats_on_hand_made_timestamps(serving):
     assert burst["p50_itl_ms"] == pytest.approx(100) and burst["avg_tpot_ms"] == pytest.approx(100), "tokens that arrive together repeat their time: ITL and TPOT count them"
 
 
+@pytest.mark.points(2)
+def test_latency_stats_match_numpy_on_random_requests(serving):
+    # Reference comparison: 40 seeded random requests, every statistic recomputed here with numpy from
+    # the definitions (TTFT = first - start, TPOT = (last - first) / (n - 1), ITL = gaps, E2E = last - start).
+    rng = np.random.default_rng(6)
+    records = []
+    for _ in range(40):
+        start = float(rng.uniform(0, 5))
+        times = start + float(rng.uniform(0.05, 0.5)) + np.cumsum(rng.exponential(0.03, int(rng.integers(1, 12))))
+        records.append((start, times.tolist()))
+    stats = serving.compute_latency_stats(records)
+    ref = {"ttft": [t[0] - s for s, t in records], "e2e": [t[-1] - s for s, t in records],
+           "tpot": [(t[-1] - t[0]) / (len(t) - 1) for s, t in records if len(t) > 1],
+           "itl": [b - a for s, t in records for a, b in zip(t, t[1:])]}
+    for name, xs in ref.items():
+        assert stats[f"avg_{name}_ms"] == pytest.approx(1000 * np.mean(xs)), f"avg_{name}_ms"
+        for q in (50, 90, 99):
+            assert stats[f"p{q}_{name}_ms"] == pytest.approx(1000 * np.percentile(xs, q)), f"p{q}_{name}_ms"
+    tokens = sum(len(t) for _, t in records)
+    span = max(t[-1] for _, t in records) - min(s for s, _ in records)
+    assert stats["total_output_tokens"] == tokens and stats["duration_s"] == pytest.approx(span), "duration = last token - first start"
+    assert stats["avg_throughput_tps"] == pytest.approx(tokens / span), "throughput = output tokens / duration (first start to last token)"
+    assert stats["request_throughput"] == pytest.approx(40 / span), "request throughput = requests / duration"
+
+
 @pytest.mark.points(1)
 def test_latency_stats_edge_cases(serving):
     one_token = serving.compute_latency_stats([(0.0, [0.2]), (0.1, [0.3])])
@@ -129,7 +161,7 @@ def test_latency_stats_edge_cases(serving):
             serving.compute_latency_stats(bad)
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_create_sampling_params_validates(serving):
     eng = serving.vLLMServingEngine("unused-folder", backend="lab")
     p = eng.create_sampling_params(temperature=0.0, top_p=0.9, max_tokens=7, seed=3, ignore_eos=True)
@@ -172,7 +204,7 @@ def test_generate_async_streams_tokens_in_order(serving, tiny, make_engine):
         asyncio.run(collect(prompts, params[:2]))
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_closing_the_stream_aborts_and_frees_blocks(serving, tiny, make_engine):
     _, _, prompts = tiny
     eng = make_engine()
@@ -188,6 +220,43 @@ def test_closing_the_stream_aborts_and_frees_blocks(serving, tiny, make_engine):
     seen = asyncio.run(take_three())
     assert len(seen) == 3, "closing the stream early: only the events before close"
     assert blocks_all_free(eng), "closing generate_async early must abort both requests and free their blocks"
+    assert eng.engine.num_steps < 60, (
+        f"the engine ran {eng.engine.num_steps} steps: the requests ran to max_tokens=60 instead of being aborted "
+        "when the stream closed (cancel the tasks that pump each request)"
+    )
+
+
+@pytest.mark.points(2)
+def test_cancelling_the_consumer_aborts_the_requests(serving, tiny, make_engine):
+    _, _, prompts = tiny
+    eng = make_engine()
+    params = eng.create_sampling_params(temperature=0.0, max_tokens=60, ignore_eos=True)
+
+    async def main():
+        got = []
+
+        async def consume():
+            async for ev in eng.generate_async(prompts[2:4], params):
+                got.append(ev)
+                if len(got) == 2:
+                    await asyncio.sleep(3600)  # a client that stops reading: it gets cancelled below
+
+        task = asyncio.create_task(consume())
+        while len(got) < 2 and not task.done():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for _ in range(3000):  # while this loop still runs: wait until the engine is idle (aborted, or done)
+            if not eng.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        return got, eng.engine.num_steps
+
+    got, steps = asyncio.run(main())
+    assert len(got) == 2
+    assert blocks_all_free(eng), "cancelling the task that iterates generate_async must abort both requests and free their blocks"
+    assert steps < 60, f"the engine ran {steps} steps: a cancelled consumer's requests must be aborted, not run to max_tokens=60"
 
 
 @pytest.mark.points(3)

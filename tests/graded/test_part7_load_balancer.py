@@ -4,6 +4,16 @@ Plain Python, no HTTP: the tests play the router (``select_instance`` -> ``start
 -> ``finish_request``) and the health checker (``report_failure`` / ``report_success``),
 with a fake clock for the circuit breaker. SGLang's defaults (cache threshold 0.3,
 imbalance thresholds 64 / 1.5) come from sgl-router's Python launcher.
+
+Bugs these tests guard against, each caught by at least two of them (a hand-computed
+choice under stated loads or a hand-worked state trace, and a property or reference
+comparison; ``scripts/mutation_check.py`` plants them): the cache-aware overload escape
+taken when either threshold is exceeded instead of both, or never taken; power of two
+keeping the more loaded of its two draws, or always the first drawn; the circuit breaker
+re-admitting a backend after one success whatever ``recovery_successes`` says, ignoring
+its cooldown, or opening one failure late; a prefix match that keeps counting equal
+elements after the first mismatch; an insert that adds the whole key to ``size`` instead
+of the new elements; an eviction that removes the most recently used leaf first.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ def common(a, b) -> int:
 
 # ---- the prefix tree -------------------------------------------------------------------
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_prefix_tree_match_insert_split(load_balancer):
     t = load_balancer.PrefixTree()
     assert t.match("anything") == 0 and t.size == 0
@@ -56,6 +66,7 @@ def test_prefix_tree_match_insert_split(load_balancer):
     t.insert("hello there", 2)  # splits the edge after "hello "
     assert t.size == 16, "a split must not change size: only the 5 new characters are added"
     assert (t.match("hello world"), t.match("hello there"), t.match("hello"), t.match("x")) == (11, 11, 5, 0)
+    assert t.match("hello_world") == 5 and t.match("hello thorn") == 8, "a match ends at the first mismatch, later equal characters do not count"
     t.insert("hello", 3)  # already stored: nothing new
     assert t.size == 16
     ids = load_balancer.PrefixTree()
@@ -81,7 +92,7 @@ def test_prefix_tree_evicts_least_recently_used_leaf(load_balancer):
 
 @PROPERTY
 @given(st.lists(st.text("ab", max_size=8), max_size=12), st.text("ab", max_size=8))
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_prefix_tree_matches_like_the_longest_common_prefix(load_balancer, keys, probe):
     t = load_balancer.PrefixTree()
     for i, k in enumerate(keys):
@@ -92,7 +103,7 @@ def test_prefix_tree_matches_like_the_longest_common_prefix(load_balancer, keys,
 
 @PROPERTY
 @given(st.lists(st.text("abc", min_size=1, max_size=10), min_size=1, max_size=30), st.integers(10, 25))
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_eviction_bounds_memory_and_keeps_the_newest(load_balancer, keys, cap):
     t = load_balancer.PrefixTree()
     for i, k in enumerate(keys):
@@ -104,7 +115,7 @@ def test_eviction_bounds_memory_and_keeps_the_newest(load_balancer, keys, cap):
 
 # ---- policies --------------------------------------------------------------------------
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_round_robin_cycles_and_skips_unhealthy(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="round_robin")
     assert [lb.select_instance().url for _ in range(6)] == URLS * 2
@@ -113,7 +124,7 @@ def test_round_robin_cycles_and_skips_unhealthy(load_balancer):
     assert [lb.select_instance().url for _ in range(4)] == ["http://a", "http://c"] * 2
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_least_outstanding_counts_starts_and_finishes(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="least_outstanding")
     assert [route(lb) for _ in range(3)] == URLS, "ties go to the first backend in order"
@@ -123,7 +134,7 @@ def test_least_outstanding_counts_starts_and_finishes(load_balancer):
     assert lb.select_instance().url == "http://b"
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_power_of_two_never_picks_the_worse_of_two(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="power_of_two", seed=7)
     for url, n in zip(URLS, (0, 5, 10)):
@@ -141,7 +152,22 @@ def test_power_of_two_never_picks_the_worse_of_two(load_balancer):
     assert [again.select_instance().url for _ in range(300)] == picks, "the same seed must give the same choices"
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(1)
+def test_power_of_two_between_two_candidates_takes_the_less_loaded(load_balancer):
+    # With two backends in the pool both are drawn, so the choice is exact: the less loaded one.
+    lb = load_balancer.LLMLoadBalancer(URLS, policy="power_of_two", seed=3)
+    for url, n in zip(URLS, (4, 1, 0)):
+        for _ in range(n):
+            lb.start_request(url)  # a: 4, b: 1, c: 0
+    assert [lb.select_instance(exclude=["http://c"]).url for _ in range(20)] == ["http://b"] * 20, (
+        "pool {a: 4, b: 1}: both are drawn, b (fewer outstanding requests) must win every time"
+    )
+    assert [lb.select_instance(exclude=["http://a"]).url for _ in range(20)] == ["http://c"] * 20, "pool {b: 1, c: 0}: c must win"
+    assert lb.select_instance(exclude=["http://a", "http://b"]).url == "http://c", "a pool of one is returned as is"
+    assert lb.loads() == {"http://a": 4, "http://b": 1, "http://c": 0}, "select_instance must not change loads"
+
+
+@pytest.mark.points(2)
 def test_cache_aware_sends_a_repeated_prefix_home(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware")
     system = "You are a helpful assistant. Answer briefly. "
@@ -154,7 +180,7 @@ def test_cache_aware_sends_a_repeated_prefix_home(load_balancer):
     assert lb.select_instance("Translate 'dog' into French.").url == other
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_cache_aware_threshold_is_strict(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware", cache_threshold=0.5)
     assert lb.select_instance("aaaa").url == "http://a"
@@ -162,9 +188,14 @@ def test_cache_aware_threshold_is_strict(load_balancer):
     assert lb.select_instance("aabb").url == "http://b"
     assert lb.select_instance("aaab").url == "http://a", "3 of 4 > 0.5 follows the match"
     assert lb.loads() == dict.fromkeys(URLS, 0)
+    # "aXcdefgh" shares 1 leading character with "abcdefgh": the 6 equal characters after the
+    # mismatch are not a prefix. 1 / 8 <= 0.5: the smallest tree (b, still empty) gets it.
+    fresh = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware", cache_threshold=0.5)
+    assert fresh.select_instance("abcdefgh").url == "http://a"
+    assert fresh.select_instance("aXcdefgh").url == "http://b", "the matched prefix ends at the first mismatch (1 of 8)"
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_cache_aware_imbalance_needs_both_thresholds(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware", balance_abs_threshold=4, balance_rel_threshold=1.5)
     assert route(lb, "shared prefix, question 1") == "http://a"
@@ -192,7 +223,7 @@ def test_cache_aware_imbalance_needs_both_thresholds(load_balancer):
 
 # ---- health ----------------------------------------------------------------------------
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_failed_backend_leaves_and_returns_after_probes(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="least_outstanding", recovery_successes=2)
     lb.report_failure("http://a")
@@ -216,7 +247,7 @@ def test_failed_backend_leaves_and_returns_after_probes(load_balancer):
     assert lb2.select_instance(exclude=["http://a"]).url == "http://b", "exclude removes backends from the pool"
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_circuit_breaker_opens_after_repeated_failures(load_balancer):
     clock = FakeClock()
     lb = load_balancer.LLMLoadBalancer(URLS, failure_threshold=3, recovery_successes=1, cooldown_s=10, clock=clock)
@@ -236,7 +267,54 @@ def test_circuit_breaker_opens_after_repeated_failures(load_balancer):
     assert lb.backend("http://a").healthy and lb.backend("http://a").consecutive_failures == 0
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
+def test_health_state_machine_trace(load_balancer):
+    # failure_threshold 2, recovery_successes 2, cooldown 5 s; states worked out by hand from the module docstring.
+    clock = FakeClock()
+    lb = load_balancer.LLMLoadBalancer(URLS, failure_threshold=2, recovery_successes=2, cooldown_s=5, clock=clock)
+    trace = [  # (seconds to advance, event on http://a, state after it)
+        (0, "fail", "unhealthy"),   # 1 failure: out of the pool
+        (0, "ok", "unhealthy"),     # 1 success of 2
+        (0, "ok", "healthy"),       # 2 in a row: back
+        (1, "fail", "unhealthy"),
+        (1, "fail", "open"),        # 2 failures in a row: the circuit opens at t = 102
+        (2, "ok", "open"),          # t = 104: inside the cooldown, ignored
+        (2.9, "ok", "open"),        # t = 106.9: still inside (4.9 s < 5 s)
+        (0.2, "ok", "open"),        # t = 107.1: cooldown over, 1 success of 2
+        (0, "ok", "healthy"),       # 2 in a row: back, failures forgotten
+        (0, "fail", "unhealthy"),   # 1 failure (the count restarted): not open
+    ]
+    for step, (dt, event, want) in enumerate(trace):
+        clock.now += dt
+        (lb.report_failure if event == "fail" else lb.report_success)("http://a")
+        got = lb.backend("http://a").state
+        assert got == want, f"step {step} ({event} at t = {clock.now:.1f}): state {got!r}, expected {want!r}"
+        in_pool = "http://a" in {lb.select_instance(exclude=[u]).url for u in ("http://b", "http://c")}
+        assert in_pool == (want == "healthy"), f"step {step}: a backend is in the pool exactly when it is healthy"
+
+
+@pytest.mark.points(1)
+def test_cache_aware_escapes_only_when_both_thresholds_are_exceeded(load_balancer):
+    # Reference comparison over 200 seeded load patterns: a's tree holds the prompt, so a balanced
+    # pool follows the cache to a; an imbalanced one (max - min > 3 AND max > 2 * min) takes the least loaded.
+    import random
+
+    rng = random.Random(7)
+    for case in range(200):
+        lb = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware", balance_abs_threshold=3, balance_rel_threshold=2.0)
+        assert lb.select_instance("the shared system prompt").url == "http://a"
+        loads = [rng.randint(0, 12) for _ in URLS]
+        for url, n in zip(URLS, loads):
+            for _ in range(n):
+                lb.start_request(url)
+        hi, lo = max(loads), min(loads)
+        imbalanced = hi - lo > 3 and hi > 2.0 * lo
+        want = URLS[loads.index(lo)] if imbalanced else "http://a"
+        got = lb.select_instance("the shared system prompt, question 2").url
+        assert got == want, f"case {case}: loads {loads} ({'imbalanced' if imbalanced else 'balanced'}): chose {got}, expected {want}"
+
+
+@pytest.mark.points(1)
 def test_failure_clears_the_prefix_tree(load_balancer):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware", recovery_successes=1)
     assert lb.select_instance("a long shared system prompt").url == "http://a"
@@ -246,7 +324,7 @@ def test_failure_clears_the_prefix_tree(load_balancer):
     assert lb.select_instance("a long shared system prompt").url == "http://a"
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_bad_input_errors_name_the_parameter(load_balancer):
     LB = load_balancer.LLMLoadBalancer
     bad = [({"instances": []}, "instances"), ({"instances": ["http://a", "http://a"]}, "unique"),
@@ -275,7 +353,7 @@ OPS = st.lists(st.one_of(st.tuples(st.just("send"), st.text("abc", max_size=10))
 
 @PROPERTY
 @given(st.sampled_from(["round_robin", "least_outstanding", "power_of_two", "cache_aware"]), OPS)
-@pytest.mark.points(4)
+@pytest.mark.points(2)
 def test_property_never_unhealthy_and_loads_return_to_zero(load_balancer, policy, ops):
     lb = load_balancer.LLMLoadBalancer(URLS, policy=policy, balance_abs_threshold=2, recovery_successes=2, clock=FakeClock())
     outstanding: list[str] = []
@@ -304,7 +382,7 @@ def test_property_never_unhealthy_and_loads_return_to_zero(load_balancer, policy
 
 @PROPERTY
 @given(st.integers(1, 6), st.sets(st.integers(0, 2), max_size=2))
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_property_round_robin_is_fair(load_balancer, rounds, failed):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="round_robin")
     for i in failed:
@@ -317,7 +395,7 @@ def test_property_round_robin_is_fair(load_balancer, rounds, failed):
 @PROPERTY
 @given(st.lists(st.sampled_from(["sys A: ", "sys B: ", "other ", ""]), min_size=1, max_size=25),
        st.lists(st.text("xy", max_size=4), min_size=25, max_size=25))
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_property_cache_aware_follows_the_best_match_while_balanced(load_balancer, heads, tails):
     lb = load_balancer.LLMLoadBalancer(URLS, policy="cache_aware")
     seen: dict[str, set[str]] = {}

@@ -4,6 +4,11 @@ The expected quantiles are worked by hand below with Prometheus' rule (``promql/
 find the bucket holding rank q * total, interpolate linearly inside it, lower edge 0 for
 the first bucket, the largest finite bound when the rank falls in ``+Inf``. The /metrics
 text is produced by ``prometheus_client`` itself, under vLLM v1's metric names.
+
+Bugs these tests guard against, each caught by at least two of them
+(``scripts/mutation_check.py`` plants them, with the balancer's in
+``test_part7_load_balancer.py``): a histogram quantile that returns the bucket's upper
+bound instead of interpolating; histograms of several label sets not summed.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ INF = math.inf
 BUCKETS = [(0.1, 2), (0.5, 6), (1.0, 8), (INF, 10)]
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_quantiles_match_hand_computed_values(monitoring):
     hq = monitoring.histogram_quantile
     # rank 5 lies in (0.1, 0.5], which holds observations 3..6: 0.1 + 0.4 * (5 - 2) / 4
@@ -63,7 +68,7 @@ def test_quantile_bad_input(monitoring):
 
 @PROPERTY
 @given(st.lists(st.integers(0, 20), min_size=1, max_size=6), st.floats(0.01, 1.0), st.floats(0.01, 1.0))
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_quantiles_are_monotone_and_bounded(monitoring, counts, q1, q2):
     bounds = [0.5 * (i + 1) for i in range(len(counts))]
     cumulative = [sum(counts[: i + 1]) for i in range(len(counts))]
@@ -100,7 +105,7 @@ def exposition() -> bytes:
     return generate_latest(r)
 
 
-@pytest.mark.points(4)
+@pytest.mark.points(3)
 def test_parse_real_exposition(monitoring):
     m = monitoring.parse_metrics(exposition().decode())
     assert (m["running"], m["waiting"]) == (5, 1), "gauges are summed over label sets"
@@ -128,6 +133,28 @@ def test_parse_reads_older_vllm_names_and_missing_ones(monitoring):
     assert m["running"] == 0.0 and m["ttft"]["count"] == 0, "an absent metric reads as 0 / no observations"
 
 
+@pytest.mark.points(1)
+def test_parse_sums_label_sets_by_hand(monitoring):
+    # Two engines (label sets) of one server. TTFT buckets le 0.1 / 0.5 / +Inf: engine 0 has 2 / 6 / 8,
+    # engine 1 has 2 / 2 / 2, so the server's histogram is 4 / 8 / 10. p50: rank 5 lies in (0.1, 0.5]
+    # with 4 below and 4 inside: 0.1 + 0.4 * (5 - 4) / 4 = 0.2. p90: rank 9 lies in +Inf: 0.5. mean 2.1 / 10.
+    h = "vllm:time_to_first_token_seconds"
+    text = f"# TYPE {h} histogram\n"
+    for engine, counts, total in (("0", (2, 6, 8), 2.0), ("1", (2, 2, 2), 0.1)):
+        for le, c in zip(("0.1", "0.5", "+Inf"), counts):
+            text += f'{h}_bucket{{engine="{engine}",le="{le}"}} {c}\n'
+        text += f'{h}_count{{engine="{engine}"}} {counts[-1]}\n{h}_sum{{engine="{engine}"}} {total}\n'
+    text += ('# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{engine="0"} 3\nvllm:num_requests_running{engine="1"} 1\n'
+             '# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{engine="0"} 0.5\nvllm:kv_cache_usage_perc{engine="1"} 0.25\n')
+    m = monitoring.parse_metrics(text)
+    ttft = m["ttft"]
+    assert (ttft["count"], ttft["p50"], ttft["p90"]) == (10, pytest.approx(0.2), 0.5), (
+        f"label sets must be added bucket by bucket before the quantile: got count {ttft['count']}, p50 {ttft['p50']}, p90 {ttft['p90']}"
+    )
+    assert ttft["mean"] == pytest.approx(0.21)
+    assert m["running"] == 4 and m["kv_cache_usage"] == 0.5, "gauges: running is summed over label sets, kv_cache_usage takes the largest"
+
+
 class NVMLError(Exception):
     pass
 
@@ -150,7 +177,7 @@ def fake_nvml(fail: str | None = None) -> types.SimpleNamespace:
         nvmlDeviceGetTemperature=lambda h, kind: 61, nvmlDeviceGetPowerUsage=lambda h: 250_500)
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_gpu_absent_is_reported_not_raised(monitoring):
     status, devices = monitoring.gpu_metrics(fake_nvml(fail="NVML Shared Library Not Found"))
     assert status.startswith("no NVIDIA device") and "Library Not Found" in status and devices == []
@@ -161,7 +188,7 @@ def test_gpu_absent_is_reported_not_raised(monitoring):
     assert snap["gpu_status"].startswith("no NVIDIA device") and snap["gpu_metrics"] == []
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_gpu_device_fields_and_units(monitoring):
     nvml = fake_nvml()
     status, devices = monitoring.gpu_metrics(nvml)
@@ -173,7 +200,7 @@ def test_gpu_device_fields_and_units(monitoring):
     assert nvml.calls == ["init", "shutdown"], "shut NVML down after reading"
 
 
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 def test_collect_metrics_snapshot_and_history(monitoring):
     text = exposition().decode()
 
@@ -194,7 +221,7 @@ def test_collect_metrics_snapshot_and_history(monitoring):
         monitoring.PerformanceMonitor(max_history=0)
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_collect_scrapes_a_real_http_endpoint(monitoring):
     registry = CollectorRegistry()
     Gauge("vllm:num_requests_waiting", "waiting", ["model_name"], registry=registry).labels("m").set(7)

@@ -4,9 +4,16 @@ The error bound is the one the module docstring derives: round-to-nearest moves 
 element by at most half a quantization step, ``|w - q * scale| <= scale / 2``, where the
 step ``scale = max|w| / qmax`` belongs to the element's row (INT8) or group (INT4). The
 checks allow float32 rounding on top (a few ulps of the row's largest magnitude).
-Several tests target one plausible mistake each: a per-tensor scale instead of one per
-row, a per-row scale instead of one per group, a rounding rule that is not odd-symmetric,
-the divisor 128 instead of 127, and the two nibbles of a byte swapped.
+
+Bugs these tests guard against, each caught by at least two of them (one hand-computed
+case with exact codes, bytes and scales, and one property or reference comparison;
+``scripts/mutation_check.py`` plants them): INT4 codes rounded half up, as floor of
+x plus one half, instead of half to even, which breaks the odd symmetry INT8 and INT4
+share; the two nibbles of a byte swapped, in pack and unpack alike, so that a round
+trip still works but the bytes are not the documented layout; an all-zero row or
+group given a scale of 0 instead of 1.0; the divisor 128 instead of 127; a per-tensor
+scale instead of one per row, or a per-row scale instead of one per group; a
+QuantLinear that drops the bias or keeps a float copy of the weight.
 """
 
 from __future__ import annotations
@@ -76,11 +83,13 @@ def test_int8_scale_is_per_output_channel(quantization):
 
 @pytest.mark.points(2)
 def test_int8_exact_codes_and_symmetric_rounding(quantization):
-    # scale = 127 / 127 = 1 exactly, so the codes are round(w).
-    w = torch.tensor([[127.0, -63.4, 0.6, -0.4, 1.2, -2.7, 0.0]])
+    # Row 0: scale = 127 / 127 = 1 exactly, so the codes are round(w). Row 1 is all zero: scale 1.0, codes 0.
+    w = torch.tensor([[127.0, -63.4, 0.6, -0.4, 1.2, -2.7, 0.0], [0.0] * 7])
     q, scales = quantization.quantize_int8(w)
-    assert float(scales[0]) == 1.0, f"scale of a row with max |w| = 127 must be 127 / 127 = 1, got {float(scales[0])}"
-    assert q.tolist() == [[127, -63, 1, 0, 1, -3, 0]], f"codes must be round(w / scale), got {q.tolist()}"
+    assert scales.tolist() == [1.0, 1.0], (
+        f"scales must be [127 / 127, 1.0]: a row with max |w| = 127 has scale 1, an all-zero row gets 1.0 (not 0), got {scales.tolist()}"
+    )
+    assert q.tolist() == [[127, -63, 1, 0, 1, -3, 0], [0] * 7], f"codes must be round(w / scale), got {q.tolist()}"
     # Exact ties: a symmetric quantizer gives quantize(-w) == -quantize(w).
     ties = torch.tensor([[127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 63.5, -63.5]])
     q_pos, _ = quantization.quantize_int8(ties)
@@ -107,6 +116,30 @@ def test_int8_zero_and_constant_rows(quantization):
 
 
 @pytest.mark.points(1)
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_rounding_is_to_nearest_with_ties_to_even(quantization, method):
+    # Every row (int8) or group of 32 (int4) has max |w| = qmax * 0.25, so scale = 0.25 exactly and
+    # w / scale is exact: a multiple of 0.5 in [-qmax, qmax], about half of them ties (k + 0.5).
+    qmax, width = (127, 32) if method == "int8" else (7, 32)
+    gen = torch.Generator().manual_seed(8)
+    halves = torch.randint(-2 * qmax, 2 * qmax + 1, (16, 4 * width), generator=gen).float() / 2
+    halves.view(16, 4, width)[:, :, 0] = qmax * torch.tensor([1.0, -1.0]).repeat(8)[:, None]  # pin each group's max
+    w = halves * 0.25
+    quantize = (lambda x: quantization.quantize_int8(x)[0]) if method == "int8" else (
+        lambda x: quantization.unpack_int4(quantization.quantize_int4(x, width)[0]))
+    codes = quantize(w).float()
+    off = (halves - codes).abs()
+    assert bool((off <= 0.5).all()), f"{method}: a code is more than half a step from w / scale: round to the nearest code"
+    ties = off == 0.5
+    assert int(ties.sum()) > 100, "the test weight must contain ties (w / scale = k + 0.5)"
+    assert bool((codes[ties] % 2 == 0).all()), (
+        f"{method}: ties w / scale = k + 0.5 must go to the even code (torch.round, half to even), got odd codes "
+        f"{codes[ties][codes[ties] % 2 != 0][:6].tolist()}; floor(x + 0.5) rounds every tie up"
+    )
+    assert torch.equal(quantize(-w).float(), -codes), f"{method}: rounding must be odd-symmetric, quantize(-w) == -quantize(w)"
+
+
+@pytest.mark.points(1)
 def test_int8_rejects_bad_weight(quantization):
     for bad in (torch.randn(16), torch.randn(2, 3, 4), torch.ones(4, 4, dtype=torch.int32)):
         with pytest.raises(ValueError, match="weight"):
@@ -124,7 +157,7 @@ def test_pack_int4_nibble_order(quantization):
     )
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_pack_int4_is_lossless(quantization):
     every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(4, 64)
     codes = quantization.unpack_int4(every_byte)
@@ -145,7 +178,7 @@ def test_pack_int4_rejects_bad_codes(quantization):
 
 
 # ----------------------------------------------------------------------------- INT4
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_round_trip_within_half_step(quantization, group_size):
     w = rows_of_mixed_magnitude(out=6, cols=384, seed=group_size)
@@ -162,7 +195,26 @@ def test_int4_round_trip_within_half_step(quantization, group_size):
     assert_within_half_step(w, w_hat, step, absmax, f"int4 round trip (group_size={group_size})")
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
+def test_int4_exact_codes_bytes_and_scales(quantization):
+    # Group 0 (columns 0-31) has max |w| = 7, so its scale is 7 / 7 = 1 and the codes are round(w):
+    # ties to even, symmetric (0.5 -> 0, -0.5 -> 0, 1.5 -> 2, -2.5 -> -2). Group 1 is all zero: scale 1.0.
+    head = [7.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 3.4, -3.6, -7.0]
+    w = torch.zeros(1, 64)
+    w[0, : len(head)] = torch.tensor(head)
+    packed, scales = quantization.quantize_int4(w, 32)
+    assert scales.tolist() == [[1.0, 1.0]], f"scales must be [[7 / 7, 1.0 for the all-zero group]], got {scales.tolist()}"
+    codes = quantization.unpack_int4(packed)
+    assert codes[0, : len(head)].tolist() == [7, 0, 0, 2, -2, 2, -2, 3, -4, -7], (
+        f"codes must be round(w / scale) with ties to even, got {codes[0, : len(head)].tolist()}"
+    )
+    assert bool((codes[0, len(head):] == 0).all()), "zeros (and an all-zero group) must give code 0"
+    # byte j = (code[2j] + 8) | (code[2j + 1] + 8) << 4: (7, 0) -> 15 | 8 << 4 = 143, (0, 2) -> 8 | 10 << 4 = 168, ...
+    want = [15 | 8 << 4, 8 | 10 << 4, 6 | 10 << 4, 6 | 11 << 4, 4 | 1 << 4] + [8 | 8 << 4] * 27
+    assert packed.tolist() == [want], f"packed bytes {packed.tolist()[0][:5]}... != {want[:5]}...: low nibble = even column, code + 8"
+
+
+@pytest.mark.points(1)
 def test_int4_scale_is_per_group(quantization):
     gen = torch.Generator().manual_seed(3)
     # One row, four groups of 32 whose magnitudes differ by 10x each.
@@ -189,7 +241,7 @@ def test_int4_zero_and_constant_groups(quantization):
     torch.testing.assert_close(w_hat[:, 32:64], w[:, 32:64], rtol=1e-6, atol=0, msg="a constant group must come back (to float32 rounding)")
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_int4_group_size_errors(quantization):
     w = torch.randn(4, 576)  # SmolLM2's hidden size: 576 = 18 x 32 = 9 x 64, but not a multiple of 128
     with pytest.raises(ValueError, match="group_size") as info:
@@ -204,7 +256,7 @@ def test_int4_group_size_errors(quantization):
 
 
 # ----------------------------------------------------------------------------- QuantLinear
-@pytest.mark.points(3)
+@pytest.mark.points(2)
 @pytest.mark.parametrize("method,group_size", [("int8", 128), ("int4", 32), ("int4", 128)])
 def test_quant_linear_matches_dequantized_weight(quantization, method, group_size):
     torch.manual_seed(0)
@@ -230,6 +282,23 @@ def test_quant_linear_matches_dequantized_weight(quantization, method, group_siz
         want = F.linear(x, w_hat, linear.bias)
     assert got.shape == (3, 5, 96) and got.dtype == torch.float32, f"forward must map [..., 256] -> [..., 96] in x's dtype, got {tuple(got.shape)} {got.dtype}"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg="QuantLinear(x) must equal F.linear(x, dequantized weight, bias) in float32")
+
+
+@pytest.mark.points(1)
+def test_quant_linear_by_hand(quantization):
+    # W = [[7, 0, ..., 0], [0, ..., 0, -7]] (32 columns) is exact in int8 (scale 7 / 127) and int4 (scale 1):
+    # x = [0, 1, ..., 31], bias [0.5, -1]: y = [7 * 0 + 0.5, -7 * 31 - 1] = [0.5, -218].
+    linear = torch.nn.Linear(32, 2)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.weight[0, 0], linear.weight[1, 31] = 7.0, -7.0
+        linear.bias.copy_(torch.tensor([0.5, -1.0]))
+    x = torch.arange(32, dtype=torch.float32)[None]
+    for method in ("int8", "int4"):
+        module = quantization.QuantLinear.from_linear(linear, method, 32)
+        with torch.no_grad():
+            y = module(x)
+        assert y.tolist() == [[0.5, -218.0]], f"{method}: QuantLinear(x) = {y.tolist()}, expected [[0.5, -218.0]] (x @ W_hat.T + bias)"
 
 
 @pytest.mark.points(1)

@@ -8,8 +8,21 @@ student's parallel pieces with the same computation done whole, in float32.
 The decoder layer below is written out in plain torch (norm, fused qkv, RoPE,
 grouped-query causal attention, o_proj, SwiGLU MLP): the same function runs once with
 the full weights and ``F.linear`` for o_proj/down_proj, and once per rank with the
-student's shards and ``row_parallel_linear``. Model shapes: REFERENCE.md (config.json
-of each model; ``intermediate_size`` from the same files).
+student's shards and ``row_parallel_linear``. Model shapes: docs/references.md, section 1
+(each model's config.json, ``intermediate_size`` included); the split itself: Megatron-LM
+(Shoeybi et al., arXiv 1909.08053, section 3), in docs/references.md too.
+
+The two ranks are started once for the module (a fixture): each rank runs every check
+and reports each result, or the error it raised, separately, so a stub that raises in
+one function fails only the tests of that function. Each collective is pinned twice:
+a hand-computed case (exact numbers a student can check on paper) and a comparison with
+the same computation done whole.
+
+Bugs these tests guard against, each caught by at least two of them
+(``scripts/mutation_check.py`` plants them): a row-parallel layer without its
+all-reduce, or with its bias added on every rank; a vocabulary-parallel embedding that
+does not mask the ids outside its range; a distributed argmax that returns ids local to
+a shard; a fused qkv matrix sharded as one block of rows instead of per q, k and v.
 """
 
 from __future__ import annotations
@@ -89,8 +102,7 @@ def plain_linear(x, w, b, group=None):
 
 
 # ---------------------------------------------------------------- rank functions (run in spawned processes)
-def _layer_rank(rank: int, world: int, impl: str) -> dict:
-    tp = impl_mod.load_part("tensor_parallel", impl)
+def _layer_rank(tp, rank: int, world: int) -> dict:
     shape = tp.TPShape(**TINY)
     sd = full_state(TINY, layers=1, bias=True)
     x = torch.randn(7, TINY["hidden_size"], generator=torch.Generator().manual_seed(1))
@@ -100,8 +112,7 @@ def _layer_rank(rank: int, world: int, impl: str) -> dict:
     return {"max_err": float((got - want).abs().max()), "shape": tuple(got.shape)}
 
 
-def _vocab_rank(rank: int, world: int, impl: str) -> dict:
-    tp = impl_mod.load_part("tensor_parallel", impl)
+def _vocab_rank(tp, rank: int, world: int) -> dict:
     vocab, hidden = TINY["vocab_size"], TINY["hidden_size"]
     g = torch.Generator().manual_seed(2)
     table = torch.randn(vocab, hidden, generator=g)
@@ -126,8 +137,48 @@ def _vocab_rank(rank: int, world: int, impl: str) -> dict:
     }
 
 
+def _hand_rank(tp, rank: int, world: int) -> dict:
+    """Tiny cases worked out by hand for two ranks (see each test's comment)."""
+    assert world == 2
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    w = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]])  # [out=2, in=4]; rank r holds input columns 2r, 2r + 1
+    cols = slice(2 * rank, 2 * rank + 2)
+    row = tp.row_parallel_linear(x[:, cols], w[:, cols].clone(), torch.tensor([10.0, 20.0]))
+    table = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])  # rank r holds ids 2r, 2r + 1
+    emb = tp.vocab_parallel_embedding(torch.tensor([3, 0, 2]), table[2 * rank : 2 * rank + 2].clone(), 2 * rank)
+    # Logits over a vocabulary of 4 for 2 tokens; rank r holds ids 2r, 2r + 1.
+    logits = torch.tensor([[0.5, 2.0, 1.0, 3.0], [4.0, 1.0, 4.0, 0.0]])
+    local = logits[:, 2 * rank : 2 * rank + 2].clone()
+    return {"row": row.tolist(), "emb": emb.tolist(), "gathered": tp.gather_logits(local).tolist(),
+            "greedy": tp.distributed_argmax(local, 2 * rank).tolist()}
+
+
+def _all_checks_rank(rank: int, world: int, impl: str) -> dict:
+    """Every rank-side check, each result or error reported on its own (runs in a spawned rank)."""
+    tp = impl_mod.load_part("tensor_parallel", impl)
+    out = {}
+    for name, fn in (("hand", _hand_rank), ("layer", _layer_rank), ("vocab", _vocab_rank)):
+        try:
+            out[name] = fn(tp, rank, world)
+        except Exception as exc:  # both ranks run the same code, so both fail at the same point
+            out[name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    """The checks' results on two real gloo ranks (started once for this module)."""
+    return run_on_ranks(_all_checks_rank, 2, impl_mod.current_impl(), timeout_s=120)
+
+
+def rank_results(two_ranks: list[dict], name: str) -> list[dict]:
+    for r, res in enumerate(two_ranks):
+        assert isinstance(res[name], dict), f"rank {r} raised: {res[name]}"
+    return [res[name] for res in two_ranks]
+
+
 # ---------------------------------------------------------------- sharding math
-@pytest.mark.points(2)
+@pytest.mark.points(3)
 def test_divisibility_errors_name_the_parameter(tensor_parallel):
     tp = tensor_parallel
     smol = tp.TPShape(**SMOLLM2)
@@ -230,10 +281,34 @@ def test_shard_state_dict(tensor_parallel):
 
 
 # ---------------------------------------------------------------- real ranks
-@pytest.mark.points(4)
-def test_parallel_layer_equals_the_whole_layer_on_two_gloo_ranks(tensor_parallel):
-    results = run_on_ranks(_layer_rank, 2, impl_mod.current_impl(), timeout_s=120)
-    for r, res in enumerate(results):
+@pytest.mark.points(2)
+def test_row_parallel_linear_by_hand(tensor_parallel, two_ranks):
+    # x = [1, 2, 3, 4], W = [[1, 0, 0, 1], [0, 1, 1, 0]], bias [10, 20]: x W^T + b = [1 + 4, 2 + 3] + b = [15, 25].
+    # Rank 0 holds columns 0-1 (partial [1, 2]), rank 1 columns 2-3 (partial [4, 3]); one all-reduce sums them.
+    for r, res in enumerate(rank_results(two_ranks, "hand")):
+        assert res["row"] == [[15.0, 25.0]], (
+            f"rank {r}: row_parallel_linear gave {res['row']}, expected [[15, 25]] on every rank "
+            "(partial products summed by an all-reduce, the bias added once after it)"
+        )
+
+
+@pytest.mark.points(2)
+def test_vocab_parallel_embedding_and_argmax_by_hand(tensor_parallel, two_ranks):
+    # Table rows [1, 10], [2, 20], [3, 30], [4, 40]; rank 0 holds ids 0-1, rank 1 ids 2-3. Ids [3, 0, 2]:
+    # each rank zeroes the rows of ids outside its range, the all-reduce adds the two halves.
+    # Logits [[0.5, 2, 1, 3], [4, 1, 4, 0]]: greedy ids 3 and 0 (a tie between ids 0 and 2 goes to the smaller).
+    for r, res in enumerate(rank_results(two_ranks, "hand")):
+        assert res["emb"] == [[4.0, 40.0], [1.0, 10.0], [3.0, 30.0]], (
+            f"rank {r}: vocab_parallel_embedding gave {res['emb']}, expected rows 3, 0, 2 of the table "
+            "(mask ids outside this rank's range to zero before the all-reduce)"
+        )
+        assert res["gathered"] == [[0.5, 2.0, 1.0, 3.0], [4.0, 1.0, 4.0, 0.0]], f"rank {r}: gather_logits gave {res['gathered']}"
+        assert res["greedy"] == [3, 0], f"rank {r}: distributed_argmax gave {res['greedy']}, expected global ids [3, 0]"
+
+
+@pytest.mark.points(5)
+def test_parallel_layer_equals_the_whole_layer_on_two_gloo_ranks(tensor_parallel, two_ranks):
+    for r, res in enumerate(rank_results(two_ranks, "layer")):
         assert res["shape"] == (7, TINY["hidden_size"]), f"rank {r}: the layer output must be the full [T, hidden], got {res['shape']}"
         assert res["max_err"] < 1e-5, (
             f"rank {r}: the 2-rank layer differs from the whole layer by {res['max_err']:.3g} in float32 "
@@ -241,10 +316,9 @@ def test_parallel_layer_equals_the_whole_layer_on_two_gloo_ranks(tensor_parallel
         )
 
 
-@pytest.mark.points(3)
-def test_vocab_parallel_embedding_and_logits_on_two_gloo_ranks(tensor_parallel):
-    results = run_on_ranks(_vocab_rank, 2, impl_mod.current_impl(), timeout_s=120)
-    for r, res in enumerate(results):
+@pytest.mark.points(4)
+def test_vocab_parallel_embedding_and_logits_on_two_gloo_ranks(tensor_parallel, two_ranks):
+    for r, res in enumerate(rank_results(two_ranks, "vocab")):
         assert res["emb_shape"] == (8, TINY["hidden_size"]), f"rank {r}: embedding shape {res['emb_shape']}"
         assert res["emb_exact"], f"rank {r}: vocab-parallel embedding must equal the whole table's lookup (mask, zero, all-reduce)"
         assert res["logits_shape"] == (3, TINY["vocab_size"]), f"rank {r}: gathered logits shape {res['logits_shape']}"
