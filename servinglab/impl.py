@@ -30,9 +30,9 @@ PARTS: dict[int, str] = {
 }
 PART_MODULES: dict[int, tuple[str, ...]] = {
     1: ("kv_cache", "model_shape"),
-    2: ("block_manager", "block_pool"),
+    2: ("block_manager", "block_pool", "block_swap"),
     3: ("paged_attention", "paged_attention_triton"),
-    4: ("scheduler",),
+    4: ("scheduler", "preemption"),
     5: ("speculative", "speculative_math"),
     6: ("serving", "serving_stats"),
     7: ("load_balancer", "prefix_tree", "monitoring"),

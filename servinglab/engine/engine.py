@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from servinglab.model.cache import KVCacheSpec, allocate_kv_cache, pool_num_blocks
+from servinglab.model.cache import KVCacheSpec, allocate_host_kv_cache, allocate_kv_cache, host_pool_num_blocks, pool_num_blocks
 from servinglab.engine.config import EngineConfig
 from servinglab.impl import load_part
 from servinglab.interfaces import SchedulerOutput
@@ -108,17 +108,21 @@ class LLMEngine:
         kv_caches = [] if self.tp_executor is not None else allocate_kv_cache(
             self.kv_spec, self.num_kv_blocks, config.block_size, config.torch_dtype, self.device)
 
+        # preemption_mode="swap": a host pool of swap_space GiB (pinned on CUDA) takes preempted sequences' blocks.
+        swap = config.preemption_mode == "swap"
+        self.num_host_blocks = host_pool_num_blocks(self.kv_spec, config.swap_space, config.block_size, config.torch_dtype) if swap else 0
         self.block_manager = load_part("block_manager").PagedAttentionConfig(
-            num_blocks=self.num_kv_blocks, block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching
-        )
+            num_blocks=self.num_kv_blocks, block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching,
+            num_host_blocks=self.num_host_blocks)
         self.scheduler = load_part("scheduler").Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-        )
+            enable_chunked_prefill=config.enable_chunked_prefill, preemption_mode=config.preemption_mode)
         self.runner = make_runner(self.model, kv_caches, config, self.device, self.max_model_len) if self.tp_executor is None \
             else self.tp_executor.start_cache(self.num_kv_blocks)  # every rank allocates its share of the blocks
+        if swap:
+            self.runner.host_caches = allocate_host_kv_cache(self.kv_spec, self.num_host_blocks, config.block_size, config.torch_dtype, self.device.type == "cuda")
         if hasattr(self.runner, "slot_of"):
             self.runner.slot_of = self.block_manager.get_slot  # every step's slot mapping comes from Part 2
         self.spec_decoder = None  # speculative decoding (servinglab.engine.spec_decode), when configured
