@@ -267,6 +267,7 @@ def drive(block_manager, scheduler, mode: str, host: int, prompts: list[int], ma
                 assert seq in sched.swapped and seq.seq_id not in bm.block_tables and seq.num_computed_tokens > 0
         for item in out.scheduled:
             seq = item.seq
+            assert seq.status is SequenceStatus.RUNNING and seq in sched.running, "a resumed sequence runs (status RUNNING)"
             computed += item.num_new_tokens
             seq.num_computed_tokens += item.num_new_tokens
             assert len(bm.block_tables[seq.seq_id]) * BS >= seq.num_computed_tokens
@@ -281,7 +282,7 @@ def drive(block_manager, scheduler, mode: str, host: int, prompts: list[int], ma
 
 
 @pytest.mark.part(4)
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_scheduler_swaps_instead_of_recomputing(block_manager, scheduler) -> None:
     prompts = [9, 10, 11, 12]  # with 6 outputs each: 60 tokens, 15+ blocks wanted, 12 exist
     minimum = sum(n + 6 - 1 for n in prompts)  # every prompt token and every output but the last, once
@@ -291,9 +292,15 @@ def test_scheduler_swaps_instead_of_recomputing(block_manager, scheduler) -> Non
     assert swap.preemption_counts["swap"] > 0 and swap.preemption_counts["recompute"] == 0
     assert swap_tokens == minimum, f"swap mode recomputes nothing: {swap_tokens} tokens computed, {minimum} needed"
     assert sum(len(o.blocks_to_swap_out) for o in outs) == sum(len(o.blocks_to_swap_in) for o in outs) > 0
-    full, full_tokens, _, _ = drive(block_manager, scheduler, "swap", 1, prompts)  # a 1-block host pool
+
+
+@pytest.mark.part(4)
+@pytest.mark.points(1)
+def test_a_full_host_pool_falls_back_to_recompute(block_manager, scheduler) -> None:
+    full, full_tokens, _, _ = drive(block_manager, scheduler, "swap", 1, [9, 10, 11, 12])  # a 1-block host pool
     assert full.preemption_counts["recompute_swap_space_full"] > 0 and full.preemption_counts["swap"] == 0, (
         "a preempted sequence that does not fit the host pool is recomputed, and counted")
+    assert full.preemption_counts["recompute"] == 0, "in swap mode a fallback counts as recompute_swap_space_full"
     with pytest.raises(ValueError, match="preemption_mode"):
         scheduler.Scheduler(make(block_manager), preemption_mode="swapp")
 
@@ -316,8 +323,10 @@ def test_swap_gives_the_tokens_of_a_run_that_never_preempts() -> None:
         return llm.engine, [o.outputs[0].token_ids for o in outs]
 
     _, want = run(num_kv_blocks=200)
-    engine, got = run(num_kv_blocks=20, preemption_mode="swap", swap_space=0.001, enable_prefix_caching=False)
-    assert engine.scheduler.preemption_counts["swap"] > 0, "the 20-block pool must force swapping"
+    # A host pool of 8 blocks of 2 KiB: one preempted sequence fits it, the other is recomputed.
+    engine, got = run(num_kv_blocks=20, preemption_mode="swap", swap_space=8 * 2048 / 2**30, enable_prefix_caching=False)
+    counts = engine.scheduler.preemption_counts
+    assert counts["swap"] > 0 and counts["recompute_swap_space_full"] > 0, f"expected a swap and a fallback, got {dict(counts)}"
     assert engine.runner.num_swapped_blocks > 0
     assert got == want, "swapped-out sequences must resume with their own K/V"
     assert engine.block_manager.num_free_host_blocks == engine.num_host_blocks
