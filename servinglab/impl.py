@@ -37,7 +37,7 @@ PART_MODULES: dict[int, tuple[str, ...]] = {
     6: ("serving", "serving_stats"),
     7: ("load_balancer", "prefix_tree", "monitoring"),
     8: ("quantization",),
-    9: ("tensor_parallel", "tp_collectives"),
+    9: ("tensor_parallel", "tp_collectives", "pipeline_parallel"),
 }
 MODULES: tuple[str, ...] = tuple(m for mods in PART_MODULES.values() for m in mods)
 ENV_VAR = "SERVINGLAB_IMPL"

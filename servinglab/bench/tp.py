@@ -54,7 +54,7 @@ def comm_per_token(hf_config: Any, dtype_bytes: int) -> dict[str, float]:
     }
 
 
-def _build(model_dir: str | None, random_weights: str | None, dtype: str):
+def build_model(model_dir: str | None, random_weights: str | None, dtype: str):
     """``(model object or None, hf_config)``: random weights built once, or a folder each engine loads."""
     from transformers import LlamaConfig
 
@@ -133,7 +133,7 @@ def run_tp_bench(model_dir: str | None, tp_sizes: list[int], *, random_weights: 
     sizes = sorted(set([1] + list(tp_sizes)))
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dtype = dtype or ("bfloat16" if cuda else "float32")  # bf16 is emulated (slow) on AVX2-only CPUs
-    model_obj, hf_config = _build(model_dir, random_weights, dtype)
+    model_obj, hf_config = build_model(model_dir, random_weights, dtype)
     for k in sizes:
         local_config(hf_config, k)  # Part 9's divisibility error before any run
     load_part("tensor_parallel")

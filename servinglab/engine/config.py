@@ -48,6 +48,10 @@ class EngineConfig:
             name): ``k`` worker processes, one per GPU on CUDA. It must divide the model's
             heads, KV heads, intermediate size and vocabulary (checked at start-up).
             ``kv_cache_memory_gib`` is per rank. See :mod:`servinglab.engine.tp_executor`.
+        pipeline_parallel_size: pipeline stages (Part 9b, vLLM's name): the decoder's layers split into
+            ``p`` contiguous stages on ``p`` ranks (``tensor_parallel_size x p`` ranks in all), with ``p``
+            micro-batches in flight, one per virtual engine, each with ``1/p`` of the KV blocks. See
+            :mod:`servinglab.engine.pp_driver`.
         quantization: weight-only quantization of the decoder's projections (vLLM's name;
             Part 8): ``None`` (default), ``"int8"`` (per output channel) or ``"int4"``
             (group-wise); the embedding / LM head stay in ``dtype``. See :mod:`servinglab.model.quant`.
@@ -77,6 +81,7 @@ class EngineConfig:
     cpu_gemm: str | None = None
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     quantization: str | None = None
     quantization_group_size: int = DEFAULT_GROUP_SIZE
     preemption_mode: str = "recompute"
@@ -104,6 +109,13 @@ class EngineConfig:
             raise ValueError("speculative_config is not supported with tensor_parallel_size > 1")
         if tp > 1 and self.quantization is not None:
             raise ValueError("quantization is not supported with tensor_parallel_size > 1")
+        pp = self.pipeline_parallel_size
+        if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+            raise ValueError(f"pipeline_parallel_size must be a positive integer, got {pp!r}")
+        for name, on in (("speculative_config", self.speculative_config is not None), ("quantization", self.quantization is not None),
+                         ("preemption_mode='swap'", self.preemption_mode == "swap")):
+            if pp > 1 and on:
+                raise ValueError(f"{name} is not supported with pipeline_parallel_size > 1")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         swap = self.swap_space

@@ -69,7 +69,7 @@ class LLMEngine:
         self.tp_executor = None
         # Part 9: k worker ranks hold the model (servinglab.engine.tp_executor); vLLM's
         # distributed_executor_backend="mp" forces worker processes at k = 1 too (one NCCL rank on one GPU).
-        if config.tensor_parallel_size > 1 or config.extra.get("distributed_executor_backend") == "mp":
+        if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1 or config.extra.get("distributed_executor_backend") == "mp":
             from servinglab.engine.tp_executor import TPExecutor
 
             self.tp_executor = model = TPExecutor(config, model, hf_config)
@@ -111,14 +111,21 @@ class LLMEngine:
         # preemption_mode="swap": a host pool of swap_space GiB (pinned on CUDA) takes preempted sequences' blocks.
         swap = config.preemption_mode == "swap"
         self.num_host_blocks = host_pool_num_blocks(self.kv_spec, config.swap_space, config.block_size, config.torch_dtype) if swap else 0
-        self.block_manager = load_part("block_manager").PagedAttentionConfig(
-            num_blocks=self.num_kv_blocks, block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching,
+        pp = config.pipeline_parallel_size
+        make_bm = lambda: load_part("block_manager").PagedAttentionConfig(  # noqa: E731
+            num_blocks=self.num_kv_blocks // pp, block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching,
             num_host_blocks=self.num_host_blocks)
-        self.scheduler = load_part("scheduler").Scheduler(
-            self.block_manager,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+        make_scheduler = lambda bm: load_part("scheduler").Scheduler(  # noqa: E731
+            bm, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             enable_chunked_prefill=config.enable_chunked_prefill, preemption_mode=config.preemption_mode)
+        self.pp_engines = None  # Part 9b: p virtual engines, one micro-batch each in flight (servinglab.engine.pp_driver)
+        if pp > 1:
+            from servinglab.engine.pp_driver import VirtualEngines
+
+            self.pp_engines = self.block_manager = self.scheduler = VirtualEngines(make_bm, make_scheduler, pp)
+        else:
+            self.block_manager = make_bm()
+            self.scheduler = make_scheduler(self.block_manager)
         self.runner = make_runner(self.model, kv_caches, config, self.device, self.max_model_len) if self.tp_executor is None \
             else self.tp_executor.start_cache(self.num_kv_blocks)  # every rank allocates its share of the blocks
         if swap:
@@ -170,10 +177,10 @@ class LLMEngine:
         # If even an empty cache cannot hold that, it could never finish: refuse it now.
         longest = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
         blocks_needed = -(-longest // self.config.block_size)
-        if blocks_needed > self.num_kv_blocks:
+        if blocks_needed > self.block_manager.num_blocks:  # with pipeline parallelism: one virtual engine's share
             raise ValueError(
                 f"request needs up to {blocks_needed} KV blocks ({longest} tokens: prompt + max_tokens) but the cache has "
-                f"only num_kv_blocks={self.num_kv_blocks}; lower max_tokens or give the engine more KV memory"
+                f"only {self.block_manager.num_blocks} (num_kv_blocks={self.num_kv_blocks}); lower max_tokens or give the engine more KV memory"
             )
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
@@ -218,6 +225,8 @@ class LLMEngine:
         """Run one iteration; return outputs of requests that progressed (finished ones last time)."""
         if self.spec_decoder is not None:  # draft, verify in one pass, roll back: spec_decode.py
             return self.spec_decoder.step(self)
+        if self.pp_engines is not None:  # several micro-batches in flight: pp_driver.py
+            return self.pp_engines.step(self)
         start = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
@@ -225,6 +234,11 @@ class LLMEngine:
             return []
         was_prefill = [s.seq.is_prefill for s in out.scheduled]
         seqs, logits = self.runner.execute(out, self.block_manager.block_tables)
+        return self.commit(out, seqs, logits, was_prefill, start)
+
+    def commit(self, out: SchedulerOutput, seqs: list[Sequence], logits: torch.Tensor, was_prefill: list[bool],
+               start: float) -> list[RequestOutput]:
+        """After a step ran: advance computed tokens, publish full blocks, sample, commit tokens."""
         for item in out.scheduled:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens

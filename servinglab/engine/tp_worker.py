@@ -49,6 +49,7 @@ class WorkerSpec:
         model_dir: a Hugging Face folder to load, or ``None`` when ``state`` is given.
         state: the full engine state dict (CPU tensors, shared memory), or ``None``.
         profile_collectives: time every all-reduce / all-gather (``servinglab bench tp``).
+        pp_size: pipeline stages; above 1 every rank runs one stage (:mod:`servinglab.engine.pp_worker`).
     """
 
     config: dict[str, Any]
@@ -59,6 +60,7 @@ class WorkerSpec:
     model_dir: str | None = None
     state: dict[str, torch.Tensor] | None = None
     profile_collectives: bool = False
+    pp_size: int = 1
 
 
 class CollectiveTimer:
@@ -208,7 +210,12 @@ def worker_main(rank: int, world: int, port: int, spec: WorkerSpec, conn: Any) -
     try:
         impl.set_impl(spec.impl)
         device = init_rank(rank, world, port, spec.device_type)
-        worker = _Rank(rank, world, spec, device)
+        if spec.pp_size > 1:
+            from servinglab.engine.pp_worker import PPRank
+
+            worker: _Rank = PPRank(rank, world, spec, device)
+        else:
+            worker = _Rank(rank, world, spec, device)
         spec.state = None  # drop the reference to the shared full weights
         conn.send(("ok", worker.stats(False)))
     except BaseException:
