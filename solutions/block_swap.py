@@ -6,7 +6,7 @@ with ``preemption_mode="swap"`` (the vLLM paper, Kwon et al., SOSP 2023, section
 they are copied to a *host* pool of ``swap_space`` GiB (pinned CPU memory on a GPU
 machine) and copied back when the sequence resumes. Which is faster depends on the
 hardware: a swap moves ``2 x layers x kv_heads x head_dim x bytes`` per token over
-PCIe, a recompute runs the model over every token again (paper, figure 19).
+PCIe, a recompute runs the model over every token again (paper, section 7.3).
 
 This module is the block manager's side of it, a mixin of
 :class:`~.block_manager.PagedAttentionConfig`. It only plans: :meth:`SwapSpace.swap_out`

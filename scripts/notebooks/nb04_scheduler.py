@@ -692,8 +692,8 @@ choice (its "Common Issue 3", high latency). A swap moves `2 x layers x kv_heads
 x bytes` per token each way; a recompute runs the model over those tokens again, as one
 batched prefill. Which costs less depends on the machine: on a GPU the copy crosses PCIe
 while a prefill runs at high utilisation; on a CPU the "copy" is a memory copy and the
-prefill is slow. The vLLM paper's ablation (figure 19) found recompute's overhead flat in
-the block size and swap's falling as blocks grow, the two comparable at 16 to 64 tokens.
+prefill is slow. The vLLM paper's ablation (section 7.3) found recompute's cost independent of the
+block size and swapping slow for small blocks (many small transfers).
 
 The cell below runs one small workload on a KV pool at 40% of what it needs at once,
 once per mode (`servinglab bench preempt` is the full version; add `--device cuda` on a GPU).

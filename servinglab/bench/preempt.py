@@ -8,7 +8,7 @@ between device and host (both ways), tokens recomputed (tokens through the model
 the minimum: every prompt token once and every output token but the last once), and
 whether the greedy tokens equal the first mode's.
 
-What decides the winner (vLLM paper, Kwon et al., SOSP 2023, section 4.5 and figure 19):
+What decides the winner (vLLM paper, Kwon et al., SOSP 2023, sections 4.5 and 7.3):
 a swap moves ``2 x layers x kv_heads x head_dim x dtype bytes`` per token each way
 (over PCIe on a GPU, a memory copy on a CPU); a recompute runs every layer's matrix
 products again over the preempted tokens, but as one batched prefill, which a GPU does

@@ -17,12 +17,12 @@ import torch
 
 from servinglab.model.cache import KVCacheSpec, allocate_host_kv_cache, allocate_kv_cache, host_pool_num_blocks, pool_num_blocks
 from servinglab.engine.config import EngineConfig
-from servinglab.impl import load_part
 from servinglab.interfaces import SchedulerOutput
 from servinglab.engine.output_processor import OutputProcessor
 from servinglab.engine.outputs import RequestMetrics, RequestOutput
 from servinglab.engine.stall import raise_if_stalled
 from servinglab.engine.cuda_runner import make_runner
+from servinglab.engine.pp_driver import make_scheduling
 from servinglab.engine.sampling import SamplingParams, make_generator, sample
 from servinglab.sequence import Sequence, SequenceStatus
 
@@ -111,21 +111,8 @@ class LLMEngine:
         # preemption_mode="swap": a host pool of swap_space GiB (pinned on CUDA) takes preempted sequences' blocks.
         swap = config.preemption_mode == "swap"
         self.num_host_blocks = host_pool_num_blocks(self.kv_spec, config.swap_space, config.block_size, config.torch_dtype) if swap else 0
-        pp = config.pipeline_parallel_size
-        make_bm = lambda: load_part("block_manager").PagedAttentionConfig(  # noqa: E731
-            num_blocks=self.num_kv_blocks // pp, block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching,
-            num_host_blocks=self.num_host_blocks)
-        make_scheduler = lambda bm: load_part("scheduler").Scheduler(  # noqa: E731
-            bm, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            enable_chunked_prefill=config.enable_chunked_prefill, preemption_mode=config.preemption_mode)
-        self.pp_engines = None  # Part 9b: p virtual engines, one micro-batch each in flight (servinglab.engine.pp_driver)
-        if pp > 1:
-            from servinglab.engine.pp_driver import VirtualEngines
-
-            self.pp_engines = self.block_manager = self.scheduler = VirtualEngines(make_bm, make_scheduler, pp)
-        else:
-            self.block_manager = make_bm()
-            self.scheduler = make_scheduler(self.block_manager)
+        # Parts 2 and 4; with pipeline parallelism p virtual engines behind the same interfaces (pp_driver.py).
+        self.block_manager, self.scheduler, self.pp_engines = make_scheduling(config, self.num_kv_blocks, self.num_host_blocks)
         self.runner = make_runner(self.model, kv_caches, config, self.device, self.max_model_len) if self.tp_executor is None \
             else self.tp_executor.start_cache(self.num_kv_blocks)  # every rank allocates its share of the blocks
         if swap:

@@ -30,6 +30,27 @@ from servinglab.interfaces import BlockManagerStats
 from servinglab.sequence import Sequence
 
 
+def make_scheduling(config: Any, num_kv_blocks: int, num_host_blocks: int) -> tuple[Any, Any, VirtualEngines | None]:
+    """``(block_manager, scheduler, virtual_engines)`` for an engine: Parts 2 and 4, one pair or ``p`` behind a facade."""
+    pp = config.pipeline_parallel_size
+
+    def make_block_manager() -> Any:
+        return load_part("block_manager").PagedAttentionConfig(
+            num_blocks=num_kv_blocks // pp, block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching,
+            num_host_blocks=num_host_blocks)
+
+    def make_scheduler(bm: Any) -> Any:
+        return load_part("scheduler").Scheduler(
+            bm, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_chunked_prefill=config.enable_chunked_prefill, preemption_mode=config.preemption_mode)
+
+    if pp > 1:
+        engines = VirtualEngines(make_block_manager, make_scheduler, pp)
+        return engines, engines, engines
+    bm = make_block_manager()
+    return bm, make_scheduler(bm), None
+
+
 class VirtualEngines:
     """``p`` schedulers and block managers behind the engine's scheduler *and* block manager interfaces.
 

@@ -23,14 +23,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from servinglab.engine.tp_worker import CollectiveTimer, WorkerSpec, _Rank
+from servinglab.engine.tp_worker import CollectiveTimer, WorkerSpec, WorkerRank
 from servinglab.model.cache import KVCacheSpec
 from servinglab.model.pp_stage import PPStage, stage_config
 
 MAX_INTERVALS = 100_000  # busy intervals kept between two stats(reset=True)
 
 
-class PPRank(_Rank):
+class PPRank(WorkerRank):
     """Rank ``rank`` of ``tp_size * pp_size``: its stage's layers, its tensor-parallel shard of them."""
 
     def __init__(self, rank: int, world: int, spec: WorkerSpec, device: torch.device) -> None:  # noqa: D107

@@ -143,9 +143,12 @@ class TPExecutor(ModelRunner):
         self._conns: list[Any] = []
         # Runs on shutdown(), when the executor is garbage-collected, and at interpreter exit.
         self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns)
+        rank_class = None
+        if self.pp_size > 1:
+            from servinglab.engine.pp_worker import PPRank as rank_class  # noqa: N813
         for rank in range(world):
             parent_conn, child_conn = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(rank, world, port, spec, child_conn), daemon=True,
+            proc = ctx.Process(target=worker_main, args=(rank, world, port, spec, child_conn, rank_class), daemon=True,
                                name=f"servinglab-tp-rank{rank}")
             proc.start()
             child_conn.close()

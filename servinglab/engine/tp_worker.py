@@ -102,7 +102,7 @@ class CollectiveTimer:
         return {"calls": dict(self.calls), "elements": dict(self.elements), "seconds": dict(self.seconds)}
 
 
-class _Rank:
+class WorkerRank:
     """The state of one worker: model shard, KV cache, step execution."""
 
     def __init__(self, rank: int, world: int, spec: WorkerSpec, device: torch.device) -> None:
@@ -205,17 +205,12 @@ def _driver_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
-def worker_main(rank: int, world: int, port: int, spec: WorkerSpec, conn: Any) -> None:
+def worker_main(rank: int, world: int, port: int, spec: WorkerSpec, conn: Any, rank_class: type | None = None) -> None:
     """Entry point of a worker process (spawned by :class:`~servinglab.engine.tp_executor.TPExecutor`)."""
     try:
         impl.set_impl(spec.impl)
         device = init_rank(rank, world, port, spec.device_type)
-        if spec.pp_size > 1:
-            from servinglab.engine.pp_worker import PPRank
-
-            worker: _Rank = PPRank(rank, world, spec, device)
-        else:
-            worker = _Rank(rank, world, spec, device)
+        worker = (rank_class or WorkerRank)(rank, world, spec, device)  # pipeline stages: pp_worker.PPRank
         spec.state = None  # drop the reference to the shared full weights
         conn.send(("ok", worker.stats(False)))
     except BaseException:
