@@ -23,7 +23,7 @@ The three ideas, and where they come from:
   returns to the front of the queue and later recomputes its K/V from its tokens; by
   swap (``preemption_mode="swap"``) its K/V are copied to a host pool and back when it
   resumes. Recomputing needs no host memory and is cheap for short sequences; the paper
-  measures both (figure 19) and ``servinglab bench preempt`` does the same here.
+  compares both (section 7.3) and ``servinglab bench preempt`` does the same here.
 
 The scheduler only plans: it never runs the model and never samples. After each step
 the engine advances ``seq.num_computed_tokens`` by the scheduled ``num_new_tokens``,
