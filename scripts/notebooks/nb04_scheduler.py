@@ -702,9 +702,9 @@ nb.code("""
 # requires: model
 from servinglab.bench.preempt import preempt_table, run_preempt_bench
 
-rows = run_preempt_bench(MODEL, num_requests=8, prompt_len=(32, 64), output_len=24, kv_fraction=0.4, quiet=True,
+rows = run_preempt_bench(MODEL, num_requests=6, prompt_len=(32, 48), output_len=16, kv_fraction=0.4, quiet=True,
                          out=OUT / "preempt")
-print(preempt_table(rows, "float32, 8 requests, KV pool at 40% of the demand"))
+print(preempt_table(rows, "float32, 6 requests, KV pool at 40% of the demand"))
 rec, swp = rows
 assert rec["greedy_equal"] == swp["greedy_equal"] == 1.0, "both modes must give the same greedy tokens"
 verdict = "confirmed" if rec["tokens_per_s"] > swp["tokens_per_s"] else "refuted"
