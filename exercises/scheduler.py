@@ -18,10 +18,12 @@ The three ideas, and where they come from:
 * Chunked prefill (Sarathi, Agrawal et al. 2023): a long prompt is split across steps so
   it never takes a step's whole budget; the decodes of the running sequences keep
   going in the same steps, which keeps their inter-token latency flat.
-* Preemption by recompute (vLLM, Kwon et al., SOSP 2023): when the paged KV pool runs
-  out, the newest running sequence gives back all its blocks and returns to the front of
-  the queue; later it recomputes its K/V from its tokens. Recomputing is cheaper than
-  swapping for short sequences and needs no CPU memory.
+* Preemption (vLLM, Kwon et al., SOSP 2023, section 4.5): when the paged KV pool runs
+  out, the newest running sequence gives back its blocks. By recompute (the default) it
+  returns to the front of the queue and later recomputes its K/V from its tokens; by
+  swap (``preemption_mode="swap"``) its K/V are copied to a host pool and back when it
+  resumes. Recomputing needs no host memory and is cheap for short sequences; the paper
+  compares both (section 7.3) and ``servinglab bench preempt`` does the same here.
 
 The scheduler only plans: it never runs the model and never samples. After each step
 the engine advances ``seq.num_computed_tokens`` by the scheduled ``num_new_tokens``,
@@ -45,8 +47,10 @@ import time
 from servinglab.interfaces import BlockManager, ScheduledSequence, SchedulerOutput
 from servinglab.sequence import Sequence, SequenceStatus
 
+from .preemption import PREEMPTION_MODES, Preemption
 
-class Scheduler:
+
+class Scheduler(Preemption):
     """Decide, every step, which sequences run and how many new tokens each computes.
 
     Args:
@@ -56,12 +60,18 @@ class Scheduler:
             token budget).
         enable_chunked_prefill: split prompts longer than the remaining budget across
             steps. Without it a prompt runs whole or waits.
+        preemption_mode: ``"recompute"`` (default) or ``"swap"`` (vLLM's name): how a
+            preempted sequence gives back its blocks (see :meth:`_preempt`).
 
     Attributes:
         waiting: sequences queued for admission, first come first served; preempted
             sequences go back to the front.
         running: sequences holding KV blocks, oldest first (the last one is the first
             to be preempted).
+        swapped: sequences preempted by swap, whose K/V wait in the host pool; they
+            resume before any waiting sequence is admitted.
+        preemption_counts: preemptions so far by kind: ``"recompute"``, ``"swap"``, and
+            ``"recompute_swap_space_full"`` (swap mode, but the host pool was full).
     """
 
     def __init__(
@@ -70,17 +80,23 @@ class Scheduler:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         enable_chunked_prefill: bool = True,
+        preemption_mode: str = "recompute",
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
+        self.preemption_mode = preemption_mode
+        self.swapped: collections.deque[Sequence] = collections.deque()
+        self.preemption_counts: collections.Counter[str] = collections.Counter()
 
     @property
     def num_running(self) -> int:
@@ -90,9 +106,13 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_swapped(self) -> int:
+        return len(self.swapped)
+
     def has_unfinished(self) -> bool:
         """True while any sequence is waiting or running."""
-        return bool(self.waiting) or bool(self.running)
+        return bool(self.waiting) or bool(self.running) or bool(self.swapped)
 
     def add_sequence(self, seq: Sequence) -> None:
         """Queue a new sequence at the back of ``waiting`` with status ``WAITING``.
@@ -119,7 +139,9 @@ class Scheduler:
            sequence (see :meth:`_preempt`) and retry; if the one being scheduled is the
            newest, preempt it and stop. Reserve slots with ``append_slots`` and collect
            its copy-on-write copies into ``block_copies``.
-        2. Only if nothing was preempted, admit waiting sequences in order while fewer
+        2. Only if nothing was preempted, first resume swapped sequences (see
+           :meth:`_swap_in_swapped`); then, only if none is left swapped, admit waiting
+           sequences in order while fewer
            than ``max_num_seqs`` run and budget remains. The head blocks the queue if it
            does not fit (no skipping). Admitting a sequence means: ``allocate_blocks``
            (its return value, the prefix-cache hit count, becomes both
@@ -146,17 +168,6 @@ class Scheduler:
         # preemption pops from its end. `self.waiting[0]` is the head; pop it only once
         # it is admitted.
         raise NotImplementedError("schedule: your code here")
-
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        """Preempt ``seq`` by recompute: free its blocks and queue it at the front.
-
-        The caller has already removed it from ``running``. Its tokens are kept, its K/V
-        is dropped: ``deallocate_blocks``, ``seq.num_computed_tokens = 0``,
-        ``seq.num_preemptions += 1``, ``seq.status = SequenceStatus.WAITING``, then
-        ``waiting.appendleft(seq)`` and ``out.preempted.append(seq)``. On readmission it
-        prefills prompt plus generated tokens again, minus any prefix-cache hits.
-        """
-        raise NotImplementedError("_preempt: your code here")
 
     def fork_sequence(self, parent: Sequence, child: Sequence) -> None:
         """Start ``child`` as a copy of running ``parent`` that shares all its KV blocks.

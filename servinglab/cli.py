@@ -126,6 +126,8 @@ DELEGATED: tuple[tuple[str, str, str, str, str, str], ...] = (
      "servinglab.bench.router_faults", "add_bench_faults_arguments", "main_from_args"),
     ("bench", "serve", "online serving benchmark against OpenAI-compatible servers (like vLLM's benchmark_serving)",
      "servinglab.bench.serve", "add_bench_serve_arguments", "main_from_args"),
+    ("bench", "preempt", "preemption by recompute vs swap on a KV pool smaller than the demand: tok/s, TTFT/TPOT, blocks moved",
+     "servinglab.bench.preempt", "add_bench_preempt_arguments", "main_from_args"),
     ("bench", "tp", "tensor parallelism: TP=1 vs TP=k tokens/s, per-rank memory, time in collectives",
      "servinglab.bench.tp", "add_bench_tp_arguments", "main_from_args"),
 )

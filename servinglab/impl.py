@@ -32,14 +32,14 @@ PARTS: dict[int, str] = {
 }
 PART_MODULES: dict[int, tuple[str, ...]] = {
     1: ("kv_cache", "model_shape"),
-    2: ("block_manager", "block_pool"),
+    2: ("block_manager", "block_pool", "block_swap"),
     3: ("paged_attention", "paged_attention_triton"),
-    4: ("scheduler",),
+    4: ("scheduler", "preemption"),
     5: ("speculative", "speculative_math"),
     6: ("serving", "serving_stats"),
     7: ("load_balancer", "prefix_tree", "monitoring"),
     8: ("quantization",),
-    9: ("tensor_parallel", "tp_collectives"),
+    9: ("tensor_parallel", "tp_collectives", "pipeline_parallel"),
 }
 MODULES: tuple[str, ...] = tuple(m for mods in PART_MODULES.values() for m in mods)
 ENV_VAR = "SERVINGLAB_IMPL"

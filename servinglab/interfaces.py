@@ -95,6 +95,26 @@ class BlockManager(Protocol):
         """Release every block of the sequence (cached blocks stay reusable until evicted)."""
         ...
 
+    def can_swap_out(self, seq_id: int) -> bool:
+        """Whether the host pool can take every block of the sequence (``preemption_mode="swap"``)."""
+        ...
+
+    def swap_out(self, seq_id: int) -> list[tuple[int, int]]:
+        """Move the sequence's blocks to the host pool; return ``(device, host)`` block copies."""
+        ...
+
+    def can_swap_in(self, seq_id: int, num_tokens: int) -> bool:
+        """Whether the swapped sequence fits back on the device, grown to ``num_tokens`` tokens."""
+        ...
+
+    def swap_in(self, seq_id: int) -> list[tuple[int, int]]:
+        """Move a swapped sequence back to device blocks; return ``(host, device)`` block copies."""
+        ...
+
+    def free_swapped(self, seq_id: int) -> None:
+        """Release the host blocks of a swapped sequence that finished or was aborted."""
+        ...
+
     def get_stats(self) -> BlockManagerStats: ...
 
 
@@ -114,6 +134,10 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # preemption_mode="swap" (vLLM's names): (device, host) copies to make before anything
+    # else this step, and (host, device) copies to make before the copy-on-write ones.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -22,13 +22,14 @@ class SequenceStatus(enum.Enum):
 
     WAITING = "waiting"  # queued (new, or preempted and waiting to be recomputed)
     RUNNING = "running"  # holds KV blocks and is scheduled every step
+    SWAPPED = "swapped"  # preempted by swap: its K/V wait in the host pool (preemption_mode="swap")
     FINISHED_STOPPED = "stop"  # hit EOS or a stop string
     FINISHED_LENGTH = "length"  # hit max_tokens or max_model_len
     FINISHED_ABORTED = "abort"  # cancelled by the client
 
     @property
     def is_finished(self) -> bool:
-        return self not in (SequenceStatus.WAITING, SequenceStatus.RUNNING)
+        return self not in (SequenceStatus.WAITING, SequenceStatus.RUNNING, SequenceStatus.SWAPPED)
 
 
 @dataclass(eq=False)

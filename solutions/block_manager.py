@@ -23,6 +23,7 @@ from collections.abc import Sequence as Seq
 from servinglab.interfaces import BlockManagerStats
 
 from .block_pool import BlockPool, NoFreeBlocksError, hash_block_tokens
+from .block_swap import SwapSpace
 
 __all__ = ["BlockManager", "BlockPool", "NoFreeBlocksError", "PagedAttentionConfig", "hash_block_tokens"]
 
@@ -35,7 +36,7 @@ def _check_positive_int(name: str, value: int) -> None:
     ### END SOLUTION
 
 
-class PagedAttentionConfig:
+class PagedAttentionConfig(SwapSpace):
     """Block tables of live sequences over a pool of ``num_blocks`` KV blocks.
 
     Implements :class:`servinglab.interfaces.BlockManager`. Token ``p`` of sequence ``s``
@@ -46,9 +47,13 @@ class PagedAttentionConfig:
         block_size: tokens per block.
         enable_prefix_caching: publish computed full blocks and reuse them across prompts.
         block_tables: ``seq_id`` -> the sequence's physical block ids, in token order.
+
+    Swapping to a host pool of ``num_host_blocks`` blocks (``preemption_mode="swap"``)
+    comes from :class:`~.block_swap.SwapSpace`: ``swap_out`` / ``swap_in``.
     """
 
-    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = False) -> None:
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = False,
+                 num_host_blocks: int = 0) -> None:
         """Create an empty manager; raise ValueError unless both sizes are positive ints."""
         _check_positive_int("num_blocks", num_blocks)
         _check_positive_int("block_size", block_size)
@@ -65,6 +70,7 @@ class PagedAttentionConfig:
         self._seq_hashes: dict[int, list[bytes]] = {}
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        self.init_swap_space(num_host_blocks)
 
     # ----- small helpers (given) -----
     @property

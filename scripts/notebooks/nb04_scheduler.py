@@ -682,6 +682,36 @@ agrees on 100% of requests, and on real prompts in bfloat16 it does too
 (`tests/runtime/test_real_model.py`).
 """)
 nb.md("""
+## Recompute or swap? The guide's "Common Issue 3"
+
+Preemption here recomputes: the evicted sequence's K/V are dropped and prefilled again
+when it comes back. The alternative is `preemption_mode="swap"` (vLLM's name): copy its
+blocks to a host pool of `swap_space` GiB and back (your Part 2 `swap_out` / `swap_in`,
+your Part 4 `_preempt` and `_swap_in_swapped`). The course's original guide claims recompute is the faster
+choice (its "Common Issue 3", high latency). A swap moves `2 x layers x kv_heads x head_dim
+x bytes` per token each way; a recompute runs the model over those tokens again, as one
+batched prefill. Which costs less depends on the machine: on a GPU the copy crosses PCIe
+while a prefill runs at high utilisation; on a CPU the "copy" is a memory copy and the
+prefill is slow. The vLLM paper's ablation (section 7.3) found recompute's cost independent of the
+block size and swapping slow for small blocks (many small transfers).
+
+The cell below runs one small workload on a KV pool at 40% of what it needs at once,
+once per mode (`servinglab bench preempt` is the full version; add `--device cuda` on a GPU).
+""")
+nb.code("""
+# requires: model
+from servinglab.bench.preempt import preempt_table, run_preempt_bench
+
+rows = run_preempt_bench(MODEL, num_requests=6, prompt_len=(32, 48), output_len=16, kv_fraction=0.4, quiet=True,
+                         out=OUT / "preempt")
+print(preempt_table(rows, "float32, 6 requests, KV pool at 40% of the demand"))
+rec, swp = rows
+assert rec["greedy_equal"] == swp["greedy_equal"] == 1.0, "both modes must give the same greedy tokens"
+verdict = "confirmed" if rec["tokens_per_s"] > swp["tokens_per_s"] else "refuted"
+print(f"'recompute is faster' is {verdict} on this machine: recompute {rec['tokens_per_s']:.1f} tok/s "
+      f"({rec['tokens_recomputed']} tokens recomputed), swap {swp['tokens_per_s']:.1f} tok/s ({swp['blocks_moved']} blocks moved)")
+""")
+nb.md("""
 ## Recap
 
 - The scheduler plans with one number per sequence, `num_computed_tokens`, and one token

@@ -359,6 +359,78 @@ assert f4["kv_bytes_per_token"] == 2 * 80 * 2 * 128 * 2
 """, "fit70b_test", points=2)
 
 nb.md("""
+## 5b. Pipeline parallelism (Part 9b): TP vs PP vs both
+
+`LLM(model, pipeline_parallel_size=p)` cuts the decoder's layers into `p` contiguous
+stages (your `stage_layers`), one rank each: the embedding on the first stage, the norm
+and the LM head on the last (`stage_state_dict`), and one hand-off of `(hidden,
+residual)` per stage boundary with `send` / `recv` (`stage_forward`). The driver keeps
+`p` micro-batches in flight, one per *virtual engine* (`pick_virtual_engine`), and
+`tensor_parallel_size x pipeline_parallel_size` ranks compose the two. The cell below
+runs the same requests on a small random model (8 layers, hidden 512) at TP=1, TP=2 and
+PP=2 on CPU ranks and prints, per rank: weights, KV cache, and the traffic per token
+through the model: TP all-reduces `2 x layers + 1` vectors of `hidden` per token, PP sends
+two (hidden and residual) per stage boundary. Then it measures the pipeline bubble at
+1, 2 and 4 micro-batches against GPipe's `(p - 1) / (m + p - 1)`. On GPUs the same
+comparison needs a multi-GPU machine (`servinglab bench tp --device cuda --tp 2 --pp 2`);
+none was available when this was written.
+""")
+nb.code("""
+from transformers import LlamaConfig
+from servinglab.bench.pp import bubble_table, measure_bubble
+from servinglab.model.weights import random_model
+
+mid = LlamaConfig(num_hidden_layers=8, hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                  intermediate_size=1536, vocab_size=8192, max_position_embeddings=1024, rope_theta=10000.0,
+                  rms_norm_eps=1e-5, tie_word_embeddings=True)
+pp_prompts = [[100 + (7 * i + j) % 8000 for j in range(24)] for i in range(4)]
+pp_greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+through = sum(len(p) for p in pp_prompts) + len(pp_prompts) * (8 - 1)   # tokens through the model
+MiB = 2**20
+par_rows, par_tokens = [], {}
+for tp_, pp_ in ((1, 1), (2, 1), (1, 2)):
+    par = LLM(model_obj=random_model(mid, seed=0), hf_config=mid, dtype="float32", num_kv_blocks=64, max_model_len=512,
+              tensor_parallel_size=tp_, pipeline_parallel_size=pp_, extra={"tp_profile_collectives": tp_ > 1})
+    par_tokens[tp_, pp_] = [o.outputs[0].token_ids for o in par.generate(pp_prompts, pp_greedy, use_tqdm=False)]
+    ex = par.engine.tp_executor
+    if ex is None:
+        w = sum(p.numel() * p.element_size() for p in par.engine.model.parameters())
+        kvb = sum(2 * k.numel() * k.element_size() for k, _ in par.engine.runner.kv_caches)
+        par_rows.append((f"TP=1 PP=1", [(w, kvb)], 0, 0))
+        continue
+    ranks = ex.rank_stats()
+    ar = ranks[0].get("collectives", {}).get("elements", {}).get("all_reduce", 0) / through
+    p2p = sum(r.get("p2p_elements", 0) for r in ranks) / through
+    par_rows.append((f"TP={tp_} PP={pp_}", [(r["weight_bytes"], r["kv_bytes"]) for r in ranks], ar, p2p))
+    if pp_ > 1:
+        pp_llm = par      # kept for the bubble below
+    else:
+        ex.shutdown()
+assert par_tokens[2, 1] == par_tokens[1, 1] == par_tokens[1, 2], "float32 greedy tokens must not depend on the split"
+print(f"{'config':12s} {'weights MiB per rank':>24s} {'KV MiB per rank':>18s} {'all-reduce elems/token':>23s} {'send elems/token':>17s}")
+for name, per_rank, ar, p2p in par_rows:
+    print(f"{name:12s} {' / '.join(f'{w / MiB:.1f}' for w, _ in per_rank):>24s} {' / '.join(f'{k / MiB:.1f}' for _, k in per_rank):>18s} "
+          f"{ar:23,.0f} {p2p:17,.0f}")
+bubble = measure_bubble(pp_llm, (1, 2, 4), tokens=128, repeats=2)
+pp_llm.engine.tp_executor.shutdown()
+print(bubble_table(bubble))
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.plot([r["microbatches"] for r in bubble], [r["gpipe"] for r in bubble], "o-", label="GPipe (p-1)/(m+p-1)")
+ax.plot([r["microbatches"] for r in bubble], [r["measured"] for r in bubble], "s--", label="measured, 2 CPU ranks")
+ax.set_xlabel("micro-batches in flight"); ax.set_ylabel("idle share of the stages"); ax.legend()
+fig.tight_layout(); fig.savefig(OUT / "pp_bubble.png", dpi=110); plt.show()
+""")
+nb.md("""
+Read the table: TP=2 halves every layer's weights and the KV heads on each rank, and
+pays `2 x 8 + 1 = 17` all-reduces of 512 numbers per token; PP=2 gives each rank half the
+layers (and half the KV cache) but the whole embedding on stage 0 *and* a copy of the
+tied embedding as stage 1's LM head, so its ranks hold more than half the weights, and it
+sends only `2 x 512` numbers per token across its one boundary. PP's cost is the bubble:
+with one micro-batch a stage idles half the time; more micro-batches in flight shrink it
+toward GPipe's curve. On a shared CPU the measured points sit above the curve (the ranks
+compete for cores, and every hand-off and the driver's pickling add idle time).
+""")
+nb.md("""
 ## 6. Is TP faster on this CPU, and when does it pay?
 
 **Predict first:** section 4 ran the same six prompts (12 tokens each) at TP=1 and TP=2 and

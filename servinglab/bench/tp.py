@@ -54,7 +54,7 @@ def comm_per_token(hf_config: Any, dtype_bytes: int) -> dict[str, float]:
     }
 
 
-def _build(model_dir: str | None, random_weights: str | None, dtype: str):
+def build_model(model_dir: str | None, random_weights: str | None, dtype: str):
     """``(model object or None, hf_config)``: random weights built once, or a folder each engine loads."""
     from transformers import LlamaConfig
 
@@ -69,13 +69,14 @@ def _build(model_dir: str | None, random_weights: str | None, dtype: str):
     return random_model(config, dtype=getattr(torch, dtype), seed=0), config
 
 
-def _run_one(tp: int, model_obj, hf_config, model_dir: str | None, workload, common: dict[str, Any],
+def _run_one(size: tuple[int, int], model_obj, hf_config, model_dir: str | None, workload, common: dict[str, Any],
              tp1_threads: int | None = None) -> dict[str, Any]:
     from servinglab.engine.llm import LLM
     from servinglab.engine.sampling import SamplingParams
 
-    kwargs = dict(common, tensor_parallel_size=tp)
-    if tp > 1:
+    tp, pp = size
+    kwargs = dict(common, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    if tp * pp > 1:
         kwargs["extra"] = {"tp_profile_collectives": True}
     if model_obj is not None:
         llm = LLM(model_obj=model_obj, hf_config=hf_config, **kwargs)
@@ -83,7 +84,7 @@ def _run_one(tp: int, model_obj, hf_config, model_dir: str | None, workload, com
         llm = LLM(model_dir, **kwargs)
     engine = llm.engine
     threads = torch.get_num_threads()
-    if tp == 1 and tp1_threads:
+    if tp * pp == 1 and tp1_threads:
         torch.set_num_threads(tp1_threads)  # TP=k ranks get cores // k threads each (distributed.init_rank)
     try:
         warm = list(reversed(workload[0].prompt_token_ids))  # not a prefix of the workload: no prefix-cache hit later
@@ -97,7 +98,7 @@ def _run_one(tp: int, model_obj, hf_config, model_dir: str | None, workload, com
         outs = llm.generate([r.prompt_token_ids for r in workload], params, use_tqdm=True)
         elapsed = time.perf_counter() - start
         engine.record_steps = False
-        row: dict[str, Any] = {"tp": tp, "seconds": elapsed, "steps": engine.num_steps - steps0,
+        row: dict[str, Any] = {"tp": tp, "pp": pp, "seconds": elapsed, "steps": engine.num_steps - steps0,
                                # tokens through the model: the last sampled token of a request is never fed back
                                "processed_tokens": sum(n for rec in engine.step_log for _, n, _ in rec.scheduled),
                                "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
@@ -121,11 +122,12 @@ def _run_one(tp: int, model_obj, hf_config, model_dir: str | None, workload, com
             engine.tp_executor.shutdown()
 
 
-def run_tp_bench(model_dir: str | None, tp_sizes: list[int], *, random_weights: str | None = None, device: str = "auto",
+def run_tp_bench(model_dir: str | None, tp_sizes: list[int], *, pp_sizes: tuple[int, ...] = (), random_weights: str | None = None, device: str = "auto",
                  dtype: str | None = None, num_requests: int = 16, prompt_len: tuple[int, int] = (32, 96),
                  output_len: int = 32, kv_cache_memory_gib: float = 0.25, seed: int = 0, out: Path | None = None,
                  tp1_threads: int | None = None) -> list[dict[str, Any]]:
-    """Run the workload at every TP size (TP=1 first); print the table; save JSON and a PNG under ``out``."""
+    """Run the workload at every TP size (TP=1 first), then at every PP size alone and with each TP size;
+    print the table (and, with ``pp_sizes``, the measured pipeline bubble); save JSON and a PNG under ``out``."""
     from servinglab.bench.workloads import random_workload
     from servinglab.impl import load_part
     from servinglab.model.tp_layers import local_config
@@ -133,7 +135,7 @@ def run_tp_bench(model_dir: str | None, tp_sizes: list[int], *, random_weights: 
     sizes = sorted(set([1] + list(tp_sizes)))
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dtype = dtype or ("bfloat16" if cuda else "float32")  # bf16 is emulated (slow) on AVX2-only CPUs
-    model_obj, hf_config = _build(model_dir, random_weights, dtype)
+    model_obj, hf_config = build_model(model_dir, random_weights, dtype)
     for k in sizes:
         local_config(hf_config, k)  # Part 9's divisibility error before any run
     load_part("tensor_parallel")
@@ -141,9 +143,10 @@ def run_tp_bench(model_dir: str | None, tp_sizes: list[int], *, random_weights: 
     common = dict(dtype=dtype, device="cuda" if cuda else "cpu", kv_cache_memory_gib=kv_cache_memory_gib,
                   max_model_len=prompt_len[1] + output_len + 8)
     # With a shared model object TP=1 runs last: its engine moves (on a CPU in bf16, repacks) the model in place.
-    order = sizes[1:] + [1] if model_obj is not None else sizes
+    grid = [(k, 1) for k in sizes] + [(k, p) for p in pp_sizes for k in sizes]
+    order = grid[1:] + grid[:1] if model_obj is not None else grid
     by_size = {k: _run_one(k, model_obj, hf_config, model_dir, workload, common, tp1_threads) for k in order}
-    rows = [by_size[k] for k in sizes]
+    rows = [by_size[k] for k in grid]
     comm = comm_per_token(hf_config, torch.empty((), dtype=getattr(torch, dtype)).element_size())
     processed = rows[0]["processed_tokens"]
     base = rows[0]
@@ -151,6 +154,8 @@ def run_tp_bench(model_dir: str | None, tp_sizes: list[int], *, random_weights: 
         row["tokens_per_s"] = row["output_tokens"] / row["seconds"]
         row["ratio"] = row["tokens_per_s"] / (base["output_tokens"] / base["seconds"])
         row["greedy_agreement"] = sum(a == b for a, b in zip(row["tokens"], base["tokens"])) / len(workload)
+        if row.get("pp", 1) > 1:  # stage boundaries: hidden + residual sent per token, by tensor-parallel rank 0 of each stage
+            row["p2p_elements_per_token"] = sum(r.get("p2p_elements", 0) for r in row["ranks"] if r.get("tp_rank") == 0) / row["processed_tokens"]
         coll = row["ranks"][0].get("collectives")
         if coll:
             row["measured_all_reduce_elements_per_token"] = coll["elements"]["all_reduce"] / row["processed_tokens"]
@@ -158,11 +163,30 @@ def run_tp_bench(model_dir: str | None, tp_sizes: list[int], *, random_weights: 
             row["collective_seconds"] = sum(coll["seconds"].values())
             row["collective_share_of_step"] = row["collective_seconds"] / max(row["ranks"][0]["step_seconds"], 1e-9)
     print(tp_table(rows, comm, hf_config, dtype, "cuda" if cuda else "cpu", processed))
+    bubbles = _bubbles(model_dir, model_obj, hf_config, pp_sizes, common)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         slim = [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
-        (out / "tp.json").write_text(json.dumps({"comm_per_token": comm, "rows": slim}, indent=2))
+        (out / "tp.json").write_text(json.dumps({"comm_per_token": comm, "rows": slim, "bubble": bubbles}, indent=2))
         _plot(rows, out / "tp.png")
+    return rows
+
+
+def _bubbles(model_dir: str | None, model_obj, hf_config, pp_sizes: tuple[int, ...], common: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pipeline bubble at 1, 2 and 4 micro-batches for every PP size (servinglab.bench.pp); prints the table."""
+    from servinglab.bench.pp import bubble_table, measure_bubble
+    from servinglab.engine.llm import LLM
+
+    rows: list[dict[str, Any]] = []
+    for pp in pp_sizes:
+        kwargs = dict(common, pipeline_parallel_size=pp, num_kv_blocks=64, max_model_len=512)
+        llm = LLM(model_obj=model_obj, hf_config=hf_config, **kwargs) if model_obj is not None else LLM(model_dir, **kwargs)
+        try:
+            rows += measure_bubble(llm, (1, 2, 4), tokens=128)
+        finally:
+            llm.engine.tp_executor.shutdown()
+    if rows:
+        print(bubble_table(rows))
     return rows
 
 
@@ -174,7 +198,7 @@ def tp_table(rows: list[dict[str, Any]], comm: dict[str, float], hf_config: Any,
              f"computed per token: {comm['all_reduce_calls_per_step']} all-reduces of hidden = "
              f"{comm['all_reduce_elements_per_token']:,} elements ({comm['all_reduce_bytes_per_token']:,} B); "
              f"logits gather {comm['logits_gather_bytes_per_sampled_token']:,} B per sampled token", "",
-             "| TP | tok/s | vs TP=1 | greedy = TP=1 | weights MiB/rank | KV MiB/rank | KV blocks/rank | RSS MiB/rank "
+             "| TP x PP | tok/s | vs TP=1 | greedy = TP=1 | weights MiB/rank | KV MiB/rank | KV blocks/rank | RSS MiB/rank "
              "| all-reduces/step (measured) | all-reduce elems/token (measured) | s in collectives (rank 0) | share of rank step time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -183,7 +207,7 @@ def tp_table(rows: list[dict[str, Any]], comm: dict[str, float], hf_config: Any,
         meas = r.get("measured_all_reduce_elements_per_token")
         calls = r.get("measured_all_reduce_calls_per_step")
         lines.append(
-            f"| {r['tp']} | {r['tokens_per_s']:.1f} | {r['ratio']:.2f}x | {r['greedy_agreement']:.0%} | {rank0['weight_bytes'] / mib:.1f} "
+            f"| {r['tp']} x {r.get('pp', 1)} | {r['tokens_per_s']:.1f} | {r['ratio']:.2f}x | {r['greedy_agreement']:.0%} | {rank0['weight_bytes'] / mib:.1f} "
             f"| {rank0['kv_bytes'] / mib:.1f} | {r['num_kv_blocks_per_rank']} | {rss:.0f} | {'-' if calls is None else f'{calls:g}'} | {'-' if meas is None else f'{meas:,.0f}'} "
             f"| {r.get('collective_seconds', 0.0):.2f} | {r.get('collective_share_of_step', 0.0):.0%} |")
     return "\n".join(lines)
@@ -196,7 +220,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    labels = [f"TP={r['tp']}" for r in rows]
+    labels = [f"TP={r['tp']}" + (f" PP={r['pp']}" if r.get("pp", 1) > 1 else "") for r in rows]
     a.bar(labels, [r["tokens_per_s"] for r in rows])
     a.set_ylabel("output tokens/s")
     a.set_title("throughput")
@@ -218,6 +242,8 @@ def add_bench_tp_arguments(p: Any) -> None:
                    help="random weights of a published config instead of a folder (e.g. smollm2-1.7b on GPUs)")
     p.add_argument("--tp", type=int, nargs="+", default=None, help="tensor_parallel_size values besides 1 (default: 3 for "
                    "SmolLM2-135M, 2 for --random-weights smollm2-1.7b)")
+    p.add_argument("--pp", type=int, nargs="*", default=[], help="pipeline_parallel_size values: rows alone and with each TP "
+                   "size, and the measured bubble at 1, 2 and 4 micro-batches against GPipe's (p-1)/(m+p-1)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--num-requests", type=int, default=16)
@@ -234,7 +260,7 @@ def main_from_args(args: Any) -> int:
 
     model_dir = None if args.random_weights else str(args.model or require_model())
     tp_sizes = args.tp or ([2] if args.random_weights == "smollm2-1.7b" else [3])
-    run_tp_bench(model_dir, tp_sizes, random_weights=args.random_weights, device=args.device, dtype=args.dtype,
+    run_tp_bench(model_dir, tp_sizes, pp_sizes=tuple(args.pp), random_weights=args.random_weights, device=args.device, dtype=args.dtype,
                  num_requests=args.num_requests, output_len=args.output_len, kv_cache_memory_gib=args.kv_cache_memory_gib,
                  out=args.out / "tp", tp1_threads=args.tp1_threads)
     return 0

@@ -12,6 +12,7 @@ from servinglab.model.dtypes import DTYPE_CHOICES, DTYPES, resolve_dtype
 from servinglab.model.quant import DEFAULT_GROUP_SIZE, check_method
 
 DEVICES = ("auto", "cpu", "cuda")
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 @dataclass
@@ -47,9 +48,19 @@ class EngineConfig:
             name): ``k`` worker processes, one per GPU on CUDA. It must divide the model's
             heads, KV heads, intermediate size and vocabulary (checked at start-up).
             ``kv_cache_memory_gib`` is per rank. See :mod:`servinglab.engine.tp_executor`.
+        pipeline_parallel_size: pipeline stages (Part 9b, vLLM's name): the decoder's layers split into
+            ``p`` contiguous stages on ``p`` ranks (``tensor_parallel_size x p`` ranks in all), with ``p``
+            micro-batches in flight, one per virtual engine, each with ``1/p`` of the KV blocks. See
+            :mod:`servinglab.engine.pp_driver`.
         quantization: weight-only quantization of the decoder's projections (vLLM's name;
             Part 8): ``None`` (default), ``"int8"`` (per output channel) or ``"int4"``
             (group-wise); the embedding / LM head stay in ``dtype``. See :mod:`servinglab.model.quant`.
+        preemption_mode: how a sequence preempted for lack of KV blocks gives them back
+            (vLLM's name): ``"recompute"`` (default; its K/V are recomputed when it resumes)
+            or ``"swap"`` (copied to a host pool and back). See :mod:`solutions.preemption`.
+        swap_space: GiB of host memory for swapped-out KV blocks (vLLM's name, default 4),
+            pinned on CUDA; allocated only with ``preemption_mode="swap"``. When it is
+            full, a preempted sequence is recomputed instead (counted).
         quantization_group_size: INT4 group size, 32, 64 (default: divides SmolLM2's 576
             and 1536) or 128; it must divide every projection's input width.
     """
@@ -70,8 +81,11 @@ class EngineConfig:
     cpu_gemm: str | None = None
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     quantization: str | None = None
     quantization_group_size: int = DEFAULT_GROUP_SIZE
+    preemption_mode: str = "recompute"
+    swap_space: float = 4.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -95,6 +109,22 @@ class EngineConfig:
             raise ValueError("speculative_config is not supported with tensor_parallel_size > 1")
         if tp > 1 and self.quantization is not None:
             raise ValueError("quantization is not supported with tensor_parallel_size > 1")
+        pp = self.pipeline_parallel_size
+        if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+            raise ValueError(f"pipeline_parallel_size must be a positive integer, got {pp!r}")
+        for name, on in (("speculative_config", self.speculative_config is not None), ("quantization", self.quantization is not None),
+                         ("preemption_mode='swap'", self.preemption_mode == "swap")):
+            if pp > 1 and on:
+                raise ValueError(f"{name} is not supported with pipeline_parallel_size > 1")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        swap = self.swap_space
+        if isinstance(swap, bool) or not isinstance(swap, (int, float)) or not swap >= 0:
+            raise ValueError(f"swap_space must be a number of GiB >= 0, got {swap!r}")
+        if self.preemption_mode == "swap" and self.speculative_config is not None:
+            raise ValueError("preemption_mode='swap' is not supported with speculative_config; use 'recompute'")
+        if self.preemption_mode == "swap" and tp > 1:
+            raise ValueError("preemption_mode='swap' is not supported with tensor_parallel_size > 1; use 'recompute'")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):

@@ -180,7 +180,7 @@ class CudaModelRunner(ModelRunner):
         step = self._fill_decode(out, block_tables)
         if step is None:
             return super().execute(out, block_tables)
-        self.copy_blocks(out.block_copies)
+        self.move_blocks(out)
         with torch.inference_mode():
             hidden = self.graphs.replay(*step)
             logits = self.model.compute_logits(hidden)

@@ -14,15 +14,15 @@ import time
 
 import torch
 
-from servinglab.model.cache import KVCacheSpec, allocate_kv_cache, pool_num_blocks
+from servinglab.model.cache import KVCacheSpec, allocate_host_kv_cache, allocate_kv_cache, host_pool_num_blocks, pool_num_blocks
 from servinglab.engine.config import EngineConfig
-from servinglab.impl import load_part
 from servinglab.interfaces import SchedulerOutput
 from servinglab.engine.output_processor import OutputProcessor
 from servinglab.engine.outputs import RequestMetrics, RequestOutput
 from servinglab.engine.step_protocol import RequestState, StepRecord, StepStrategy
 from servinglab.engine.stall import raise_if_stalled
 from servinglab.engine.cuda_runner import make_runner
+from servinglab.engine.pp_driver import make_scheduling
 from servinglab.engine.sampling import SamplingParams, make_generator, sample, sample_each
 from servinglab.sequence import Sequence, SequenceStatus
 
@@ -38,7 +38,7 @@ class LLMEngine:
         self.tp_executor = None
         # Part 9: k worker ranks hold the model (servinglab.engine.tp_executor); vLLM's
         # distributed_executor_backend="mp" forces worker processes at k = 1 too (one NCCL rank on one GPU).
-        if config.tensor_parallel_size > 1 or config.extra.get("distributed_executor_backend") == "mp":
+        if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1 or config.extra.get("distributed_executor_backend") == "mp":
             from servinglab.engine.tp_executor import TPExecutor
 
             self.tp_executor = model = TPExecutor(config, model, hf_config)
@@ -77,17 +77,15 @@ class LLMEngine:
         kv_caches = [] if self.tp_executor is not None else allocate_kv_cache(
             self.kv_spec, self.num_kv_blocks, config.block_size, config.torch_dtype, self.device)
 
-        self.block_manager = load_part("block_manager").PagedAttentionConfig(
-            num_blocks=self.num_kv_blocks, block_size=config.block_size, enable_prefix_caching=config.enable_prefix_caching
-        )
-        self.scheduler = load_part("scheduler").Scheduler(
-            self.block_manager,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-        )
+        # preemption_mode="swap": a host pool of swap_space GiB (pinned on CUDA) takes preempted sequences' blocks.
+        swap = config.preemption_mode == "swap"
+        self.num_host_blocks = host_pool_num_blocks(self.kv_spec, config.swap_space, config.block_size, config.torch_dtype) if swap else 0
+        # Parts 2 and 4; with pipeline parallelism p virtual engines behind the same interfaces (pp_driver.py).
+        self.block_manager, self.scheduler, self.pp_engines = make_scheduling(config, self.num_kv_blocks, self.num_host_blocks)
         self.runner = make_runner(self.model, kv_caches, config, self.device, self.max_model_len) if self.tp_executor is None \
             else self.tp_executor.start_cache(self.num_kv_blocks)  # every rank allocates its share of the blocks
+        if swap:
+            self.runner.host_caches = allocate_host_kv_cache(self.kv_spec, self.num_host_blocks, config.block_size, config.torch_dtype, self.device.type == "cuda")
         if hasattr(self.runner, "slot_of"):
             self.runner.slot_of = self.block_manager.get_slot  # every step's slot mapping comes from Part 2
         # Speculative decoding (servinglab.engine.spec_decode), when configured: a StepStrategy the step delegates to.
@@ -139,10 +137,10 @@ class LLMEngine:
         # If even an empty cache cannot hold that, it could never finish: refuse it now.
         longest = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
         blocks_needed = -(-longest // self.config.block_size)
-        if blocks_needed > self.num_kv_blocks:
+        if blocks_needed > self.block_manager.num_blocks:  # with pipeline parallelism: one virtual engine's share
             raise ValueError(
                 f"request needs up to {blocks_needed} KV blocks ({longest} tokens: prompt + max_tokens) but the cache has "
-                f"only num_kv_blocks={self.num_kv_blocks}; lower max_tokens or give the engine more KV memory"
+                f"only {self.block_manager.num_blocks} (num_kv_blocks={self.num_kv_blocks}); lower max_tokens or give the engine more KV memory"
             )
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
@@ -191,6 +189,8 @@ class LLMEngine:
 
     def plain_step(self) -> list[RequestOutput]:
         """One iteration without speculation (a step strategy may call it for steps it does not speculate in)."""
+        if self.pp_engines is not None:  # several micro-batches in flight: pp_driver.py
+            return self.pp_engines.step(self)
         start = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
@@ -199,6 +199,11 @@ class LLMEngine:
         was_prefill = [s.seq.is_prefill for s in out.scheduled]
         self.last_step_had_prefill = any(was_prefill)
         seqs, logits = self.runner.execute(out, self.block_manager.block_tables)
+        return self.commit(out, seqs, logits, was_prefill, start)
+
+    def commit(self, out: SchedulerOutput, seqs: list[Sequence], logits: torch.Tensor, was_prefill: list[bool],
+               start: float) -> list[RequestOutput]:
+        """After a step ran: advance computed tokens, publish full blocks, sample, commit tokens."""
         for item in out.scheduled:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens

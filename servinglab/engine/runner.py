@@ -72,6 +72,9 @@ class ModelRunner:
         self.device = torch.device(device)
         # Part 2's ``get_slot(seq_id, position)``; the engine sets it to its block manager's.
         self.slot_of: Callable[[int, int], int] | None = None
+        # preemption_mode="swap": the host pool (the engine sets it) and blocks moved so far, both ways.
+        self.host_caches: list[KVCache] | None = None
+        self.num_swapped_blocks = 0
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
@@ -194,6 +197,36 @@ class ModelRunner:
         """
         return {name: self._tensor(array) for name, array in arrays.items()}
 
+    def move_blocks(self, out: SchedulerOutput) -> None:
+        """All of a step's block moves, in the order that keeps every one correct.
+
+        Swap-outs first: the blocks they free may be handed to another sequence in this
+        very step (as a fresh block or a copy-on-write target). Then swap-ins, then the
+        copy-on-write copies. (A step that swaps out admits nobody, so it swaps nothing in.)
+        """
+        self.swap_blocks(out.blocks_to_swap_out, to_host=True)
+        self.swap_blocks(out.blocks_to_swap_in, to_host=False)
+        self.copy_blocks(out.block_copies)
+
+    def swap_blocks(self, pairs: list[tuple[int, int]], to_host: bool) -> None:
+        """Copy K/V blocks device -> host (``(device, host)`` pairs) or host -> device (``(host, device)``)."""
+        if not pairs:
+            return
+        if self.host_caches is None:
+            raise ValueError("this runner has no host pool: build the engine with preemption_mode='swap'")
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.long)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.long)
+        with torch.inference_mode():
+            for (k_dev, v_dev), (k_host, v_host) in zip(self.kv_caches, self.host_caches):
+                if to_host:  # gather on the device, one transfer per tensor, scatter on the host
+                    k_host.index_copy_(0, dst, k_dev.index_select(0, src.to(self.device)).to("cpu"))
+                    v_host.index_copy_(0, dst, v_dev.index_select(0, src.to(self.device)).to("cpu"))
+                else:
+                    d = dst.to(self.device)
+                    k_dev.index_copy_(0, d, k_host.index_select(0, src).to(self.device, non_blocking=True))
+                    v_dev.index_copy_(0, d, v_host.index_select(0, src).to(self.device, non_blocking=True))
+        self.num_swapped_blocks += len(pairs)
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: for each ``(src, dst)``, copy block ``src`` into ``dst`` in every layer's K and V."""
         if not pairs:
@@ -215,7 +248,7 @@ class ModelRunner:
             ``(sample_seqs, logits)`` with float32 ``logits[i]`` (``[vocab]``) for the next
             token of ``sample_seqs[i]``; ``([], [0, vocab])`` when no sequence samples.
         """
-        self.copy_blocks(out.block_copies)
+        self.move_blocks(out)
         batch = self.prepare_inputs(out, block_tables)
         with torch.inference_mode():
             hidden = self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_caches)
@@ -232,7 +265,7 @@ class ModelRunner:
             rows for ``sample_seqs[i]``, the target's next-token logits after its last real
             token and after each of its first ``num_logits[i] - 1`` drafts.
         """
-        self.copy_blocks(out.block_copies)
+        self.move_blocks(out)
         batch = self.prepare_inputs(out, block_tables, num_draft_tokens)
         with torch.inference_mode():
             hidden = self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_caches)

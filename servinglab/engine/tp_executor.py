@@ -108,12 +108,24 @@ class TPExecutor(ModelRunner):
         else:
             raise ValueError("model must be a model folder (run `servinglab prepare-model`) or a model object")
         self.hf_config = hf_config
-        self.local_config = local_config(hf_config, self.tp_size)  # Part 9's divisibility errors, before spawning
+        # Part 9b: pp_size stages of tp_size ranks each (servinglab.engine.pp_worker); a rank's KV pool
+        # holds its stage's layers, every stage sized for the largest stage.
+        self.pp_size = config.pipeline_parallel_size
+        if self.pp_size > 1:
+            from servinglab.model.pp_stage import max_stage_layers
+
+            stage = hf_config.to_dict() | {"num_hidden_layers": max_stage_layers(hf_config.num_hidden_layers, self.pp_size)}
+            stage_cfg = type(hf_config).from_dict(stage)
+            self.local_config = local_config(stage_cfg, self.tp_size) if self.tp_size > 1 else stage_cfg
+        else:
+            self.local_config = local_config(hf_config, self.tp_size)  # Part 9's divisibility errors, before spawning
+        world = self.tp_size * self.pp_size
+        self.logits_rank = (self.pp_size - 1) * self.tp_size  # the last stage's tensor-parallel rank 0
         self.kv_spec = KVCacheSpec.from_hf_config(self.local_config)
         self.engine_device = config.torch_device
         backend_for(self.engine_device.type)
-        if self.engine_device.type == "cuda" and torch.cuda.device_count() < self.tp_size:
-            raise ValueError(f"tensor_parallel_size={self.tp_size} needs {self.tp_size} GPUs (one per rank), "
+        if self.engine_device.type == "cuda" and torch.cuda.device_count() < world:
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} ranks need {world} GPUs (one per rank), "
                              f"{torch.cuda.device_count()} visible")
         self.model_dir = config.model
         # The driver prepares inputs on the CPU (ModelRunner.prepare_inputs, unchanged) and ships
@@ -123,16 +135,20 @@ class TPExecutor(ModelRunner):
         self.kv_caches = []
         profile_collectives = profile_collectives or bool(config.extra.get("tp_profile_collectives", False))
         spec = WorkerSpec(hf_config.to_dict(), config.resolved_dtype, self.engine_device.type, config.block_size,
-                          impl.current_impl(), config.model if state is None else None, state, profile_collectives)
+                          impl.current_impl(), config.model if state is None else None, state, profile_collectives,
+                          self.pp_size)
         ctx = mp.get_context("spawn")
         port = free_port()
         self._procs: list[Any] = []
         self._conns: list[Any] = []
         # Runs on shutdown(), when the executor is garbage-collected, and at interpreter exit.
         self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns)
-        for rank in range(self.tp_size):
+        rank_class = None
+        if self.pp_size > 1:
+            from servinglab.engine.pp_worker import PPRank as rank_class  # noqa: N813
+        for rank in range(world):
             parent_conn, child_conn = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(rank, self.tp_size, port, spec, child_conn), daemon=True,
+            proc = ctx.Process(target=worker_main, args=(rank, world, port, spec, child_conn, rank_class), daemon=True,
                                name=f"servinglab-tp-rank{rank}")
             proc.start()
             child_conn.close()
@@ -172,11 +188,14 @@ class TPExecutor(ModelRunner):
         return replies
 
     def _broadcast(self, message: tuple, timeout: float = STEP_TIMEOUT_S) -> list[Any]:
+        self._send_all(message)
+        return self._collect(timeout)
+
+    def _send_all(self, message: tuple) -> None:
         if not self._conns:
             raise RuntimeError("the tensor-parallel workers were shut down")
         for conn in self._conns:
             conn.send(message)
-        return self._collect(timeout)
 
     def load_tokenizer(self):
         """The model folder's tokenizer (``None`` for a model object without a folder)."""
@@ -206,7 +225,16 @@ class TPExecutor(ModelRunner):
 
     # ------------------------------------------------------------------ the step
     def execute(self, out: SchedulerOutput, block_tables: dict[int, list[int]]) -> tuple[list[Sequence], torch.Tensor]:
-        """Prepare the step once, send it to every rank, return rank 0's full-vocabulary logits."""
+        """Prepare the step once, send it to every rank, return the full-vocabulary logits."""
+        return self.collect(self.submit(out, block_tables))
+
+    def submit(self, out: SchedulerOutput, block_tables: dict[int, list[int]], block_offset: int = 0) -> list[Sequence]:
+        """Send a step to every rank without waiting (pipeline parallelism keeps several in flight).
+
+        ``block_offset`` shifts the copy-on-write block ids (a virtual engine's share of the
+        blocks starts there; its tables and slots arrive already shifted). Returns the
+        sequences that sample; :meth:`collect` returns the logits, steps in submission order.
+        """
         batch = self.prepare_inputs(out, block_tables)
         meta = {f.name: getattr(batch.metadata, f.name) for f in fields(batch.metadata)}
         meta = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in meta.items()}
@@ -215,12 +243,17 @@ class TPExecutor(ModelRunner):
             "positions": batch.positions.numpy(),
             "logits_indices": batch.logits_indices.numpy(),
             "metadata": meta,
-            "block_copies": list(out.block_copies),
+            "block_copies": [(a + block_offset, b + block_offset) for a, b in out.block_copies],
         }, protocol=pickle.HIGHEST_PROTOCOL)
-        logits = self._broadcast(("step", payload))[0]
+        self._send_all(("step", payload))
+        return batch.sample_seqs
+
+    def collect(self, sample_seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+        """Wait for the oldest submitted step; its ``(sample_seqs, logits)`` from the last stage's rank 0."""
+        logits = self._collect(STEP_TIMEOUT_S)[self.logits_rank]
         if logits is None:
             logits = torch.empty((0, self.hf_config.vocab_size), dtype=torch.float32)
-        return batch.sample_seqs, logits.to(self.engine_device)
+        return sample_seqs, logits.to(self.engine_device)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Block copies travel with the next step (each rank copies its own heads)."""

@@ -49,6 +49,7 @@ class WorkerSpec:
         model_dir: a Hugging Face folder to load, or ``None`` when ``state`` is given.
         state: the full engine state dict (CPU tensors, shared memory), or ``None``.
         profile_collectives: time every all-reduce / all-gather (``servinglab bench tp``).
+        pp_size: pipeline stages; above 1 every rank runs one stage (:mod:`servinglab.engine.pp_worker`).
     """
 
     config: dict[str, Any]
@@ -59,6 +60,7 @@ class WorkerSpec:
     model_dir: str | None = None
     state: dict[str, torch.Tensor] | None = None
     profile_collectives: bool = False
+    pp_size: int = 1
 
 
 class CollectiveTimer:
@@ -100,7 +102,7 @@ class CollectiveTimer:
         return {"calls": dict(self.calls), "elements": dict(self.elements), "seconds": dict(self.seconds)}
 
 
-class _Rank:
+class WorkerRank:
     """The state of one worker: model shard, KV cache, step execution."""
 
     def __init__(self, rank: int, world: int, spec: WorkerSpec, device: torch.device) -> None:
@@ -203,12 +205,12 @@ def _driver_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
-def worker_main(rank: int, world: int, port: int, spec: WorkerSpec, conn: Any) -> None:
+def worker_main(rank: int, world: int, port: int, spec: WorkerSpec, conn: Any, rank_class: type | None = None) -> None:
     """Entry point of a worker process (spawned by :class:`~servinglab.engine.tp_executor.TPExecutor`)."""
     try:
         impl.set_impl(spec.impl)
         device = init_rank(rank, world, port, spec.device_type)
-        worker = _Rank(rank, world, spec, device)
+        worker = (rank_class or WorkerRank)(rank, world, spec, device)  # pipeline stages: pp_worker.PPRank
         spec.state = None  # drop the reference to the shared full weights
         conn.send(("ok", worker.stats(False)))
     except BaseException:

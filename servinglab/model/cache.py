@@ -39,7 +39,7 @@ def pool_num_blocks(spec: KVCacheSpec, memory_gib: float, block_size: int, dtype
     Raises:
         ValueError: the budget holds no block (naming ``kv_cache_memory_gib`` and the block's bytes).
     """
-    block_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * block_size * torch.empty((), dtype=dtype).element_size()
+    block_bytes = block_nbytes(spec, block_size, dtype)
     try:
         blocks = load_part("kv_cache").num_kv_blocks(spec, int(memory_gib * 2**30), gpu_memory_utilization=1.0,
                                                    block_size=block_size, dtype=dtype, weight_bytes=0)
@@ -48,6 +48,30 @@ def pool_num_blocks(spec: KVCacheSpec, memory_gib: float, block_size: int, dtype
     if blocks < 1:
         raise ValueError(f"kv_cache_memory_gib={memory_gib} holds no {block_bytes}-byte block")
     return blocks
+
+
+def block_nbytes(spec: KVCacheSpec, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block over all layers: K and V of ``block_size`` tokens."""
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * block_size * torch.empty((), dtype=dtype).element_size()
+
+
+def host_pool_num_blocks(spec: KVCacheSpec, swap_space_gib: float, block_size: int, dtype: torch.dtype) -> int:
+    """How many KV blocks fit a host pool of ``swap_space_gib`` GiB (vLLM's ``swap_space``)."""
+    if isinstance(swap_space_gib, bool) or not isinstance(swap_space_gib, (int, float)) or not swap_space_gib >= 0:
+        raise ValueError(f"swap_space must be a number of GiB >= 0, got {swap_space_gib!r}")
+    return int(swap_space_gib * 2**30) // block_nbytes(spec, block_size, dtype)
+
+
+def allocate_host_kv_cache(spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
+                           pin_memory: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The host pool for swapping: per layer ``(k, v)`` of ``[num_blocks, block_size, kv_heads, head_dim]`` on the CPU.
+
+    Left uninitialised (a block is always written by a swap-out before a swap-in reads
+    it); pinned (page-locked) on a GPU machine, so device<->host copies run by DMA.
+    """
+    shape = (max(num_blocks, 0), block_size, spec.num_kv_heads, spec.head_dim)
+    return [(torch.empty(shape, dtype=dtype, pin_memory=pin_memory), torch.empty(shape, dtype=dtype, pin_memory=pin_memory))
+            for _ in range(spec.num_layers)]
 
 
 def allocate_kv_cache(
