@@ -56,7 +56,18 @@ def projection_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear
     ]
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+def _moved(linear: nn.Linear, device: torch.device | str | None) -> nn.Linear:
+    """``linear`` with its parameters on ``device`` (a new module: ``nn.Module.to`` would move the original in place)."""
+    if device is None:
+        return linear
+    moved = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    moved.weight = nn.Parameter(linear.weight.detach().to(device), requires_grad=False)
+    if linear.bias is not None:
+        moved.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+    return moved
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE, device: torch.device | str | None = None) -> int:
     """Replace each decoder projection of ``model`` by the implementation's ``QuantLinear``, in place.
 
     Args:
@@ -65,6 +76,9 @@ def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROU
         method: ``"int8"`` (per output channel) or ``"int4"`` (group-wise).
         group_size: INT4 group (32, 64 or 128); it must divide every projection's
             input width. Ignored for INT8.
+        device: where the codes go (default: where each weight is). A CPU model
+            quantized for a GPU moves one layer at a time, so the GPU never holds
+            the whole unquantized model (its peak memory is the quantized model's).
 
     Returns:
         How many linear layers were replaced (4 per decoder layer).
@@ -86,7 +100,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROU
     quant_linear = impl.load_part("quantization").QuantLinear
     with torch.no_grad():
         for parent, name, linear in targets:
-            setattr(parent, name, quant_linear.from_linear(linear, method, group_size))
+            setattr(parent, name, quant_linear.from_linear(_moved(linear, device), method, group_size))
     return len(targets)
 
 
