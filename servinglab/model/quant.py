@@ -56,15 +56,36 @@ def projection_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear
     ]
 
 
-def _moved(linear: nn.Linear, device: torch.device | str | None) -> nn.Linear:
-    """``linear`` with its parameters on ``device`` (a new module: ``nn.Module.to`` would move the original in place)."""
-    if device is None:
-        return linear
-    moved = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-    moved.weight = nn.Parameter(linear.weight.detach().to(device), requires_grad=False)
+CHUNK_ELEMENTS = 1 << 20  # weights quantized at a time on the way to a GPU (bounds the float32 temporaries)
+
+
+def _row_slice(linear: nn.Linear, start: int, stop: int, device: torch.device | str) -> nn.Linear:
+    """A new ``nn.Linear`` of rows ``start:stop`` of ``linear``, its parameters on ``device``."""
+    part = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None, device="meta")
+    part.weight = nn.Parameter(linear.weight.detach()[start:stop].to(device), requires_grad=False)
     if linear.bias is not None:
-        moved.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
-    return moved
+        part.bias = nn.Parameter(linear.bias.detach()[start:stop].to(device), requires_grad=False)
+    return part
+
+
+def _quantize_linear(quant_linear: type, linear: nn.Linear, method: str, group_size: int,
+                     device: torch.device | str | None) -> nn.Module:
+    """``quant_linear.from_linear`` of ``linear``; onto ``device`` a block of rows at a time.
+
+    Both formats quantize each output row on its own (INT8 one scale a row, INT4 groups
+    within a row), so quantizing row blocks and concatenating the codes and scales gives
+    the same module; the GPU then holds one block's float32 temporaries, not a layer's.
+    """
+    if device is None:
+        return quant_linear.from_linear(linear, method, group_size)
+    rows = max(1, CHUNK_ELEMENTS // linear.in_features)
+    parts = [quant_linear.from_linear(_row_slice(linear, i, min(i + rows, linear.out_features), device), method, group_size)
+             for i in range(0, linear.out_features, rows)]
+    if len(parts) == 1:
+        return parts[0]
+    bias = None if linear.bias is None else linear.bias.detach().to(device)
+    return quant_linear(linear.in_features, linear.out_features, parts[0].method, parts[0].group_size,
+                        torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), bias)
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE, device: torch.device | str | None = None) -> int:
@@ -77,8 +98,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROU
         group_size: INT4 group (32, 64 or 128); it must divide every projection's
             input width. Ignored for INT8.
         device: where the codes go (default: where each weight is). A CPU model
-            quantized for a GPU moves one layer at a time, so the GPU never holds
-            the whole unquantized model (its peak memory is the quantized model's).
+            quantized for a GPU moves a block of rows at a time, so the GPU never holds
+            the unquantized projections (its peak memory is the quantized model's).
 
     Returns:
         How many linear layers were replaced (4 per decoder layer).
@@ -100,7 +121,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROU
     quant_linear = impl.load_part("quantization").QuantLinear
     with torch.no_grad():
         for parent, name, linear in targets:
-            setattr(parent, name, quant_linear.from_linear(_moved(linear, device), method, group_size))
+            setattr(parent, name, _quantize_linear(quant_linear, linear, method, group_size, device))
     return len(targets)
 
 

@@ -85,10 +85,27 @@ def test_quantized_decode_replays_graphs_with_the_eager_tokens(monkeypatch, meth
     assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in graphs]
 
 
+def test_quantizing_onto_a_device_in_row_blocks_gives_the_same_codes():
+    """Row blocks (``CHUNK_ELEMENTS``) quantized one by one = the whole layer at once."""
+    config = tiny_llama_config()
+    whole, blocks = random_model(config, seed=2), random_model(config, seed=2)
+    with impl.use_impl("solutions"):
+        quantize_model(whole, "int4", 32)
+        import servinglab.model.quant as quant
+
+        old, quant.CHUNK_ELEMENTS = quant.CHUNK_ELEMENTS, 1000  # 15 rows of 64: several blocks a layer
+        try:
+            quantize_model(blocks, "int4", 32, device="cpu")
+        finally:
+            quant.CHUNK_ELEMENTS = old
+    a, b = whole.state_dict(), blocks.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_never_holds_the_unquantized_projections():
-    config = tiny_llama_config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, vocab_size=256)
+    config = tiny_llama_config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, vocab_size=256)
     model = random_model(config, dtype=torch.bfloat16, seed=2)
     dense = weight_bytes(model)
     torch.cuda.empty_cache()
@@ -98,4 +115,5 @@ def test_gpu_never_holds_the_unquantized_projections():
         quantize_model(model, "int4", 64, device="cuda")
         model.to("cuda")
     peak = torch.cuda.max_memory_allocated() - base
+    # int4 g64 stores 0.5 + 4/64 bytes a weight (0.28x of bf16), plus one row block's temporaries
     assert peak < 0.4 * dense.total, f"peak {peak} bytes while quantizing onto the GPU; bf16 weights are {dense.total}"
