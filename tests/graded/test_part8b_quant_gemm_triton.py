@@ -12,13 +12,19 @@ Weights are built so that the mistakes a kernel is likely to make change the ans
 rows and groups of very different magnitudes (a scale applied per tensor or per row
 instead of per group is far off), random codes in both nibbles (the two nibbles of a
 byte swapped pair each code with the wrong activation column), all-zero groups and
-rows quantized by your Part 8a code (without the zero-group guard their scale is
-0 / 0 and the output NaN), more split-K slices than K blocks (an empty slice must still
-count in, or its tile is never written), and two calls in a row (the split-K counters
-must be reset). The planted mistakes this file was checked against: swapped nibbles
-fail the INT4 decode, tiled, Part 8a agreement and zero-group tests; a per-tensor scale
-fails the INT4 decode, tiled and Part 8a agreement tests; a missing zero-group guard
-(Part 8a's ``quantize_int4``) fails both zero-group tests here (and Part 8a's own).
+rows quantized by your Part 8a code (they must come out exactly 0), more split-K
+slices than K blocks (an empty slice must still count in, or its tile is never
+written), and two calls in a row (the split-K counters must be reset).
+
+Planted mistakes these tests were checked against (each must fail at least two graded
+tests): the two nibbles of a byte swapped in the kernel fails the two INT4 decode
+cases, the tiled case, the empty-slice case, the Part 8a agreement case for INT4 and
+both zero-group cases (7 tests); a scale applied per tensor instead of per group fails
+the same 7; a missing zero-group guard in Part 8a's ``quantize_int4`` (scale 0 / 0 for an
+all-zero group) goes unseen here, since the kernel multiplies a zero code by any scale,
+but fails Part 8a's ``test_int4_zero_and_constant_groups`` and Part 8c's
+``test_zero_group_and_dead_input_stay_finite`` (GPTQ divides by that scale and the NaN
+spreads along the row).
 """
 
 from __future__ import annotations
