@@ -93,6 +93,10 @@ class LLMEngine:
 
             quantize_model(model, config.quantization, config.quantization_group_size, device=self.device)
         model = model.to(device=self.device)  # a ready model may come from the CPU
+        if self.device.type == "cpu" and config.quantization == "int8":
+            from servinglab.model.quant import use_cpu_int8pack
+
+            use_cpu_int8pack(model, config.torch_dtype)  # bf16/fp16 activations only (float32 stays exact)
         if self.device.type == "cpu" and hasattr(model, "prepack_cpu_weights"):
             model.prepack_cpu_weights(config.cpu_gemm)  # bf16/fp16 oneDNN weight packing (servinglab.model.cpu_gemm)
         self.model, self.hf_config, self.tokenizer = model, hf_config, tokenizer

@@ -59,6 +59,24 @@ def test_fused_forward_of_quantized_model_matches_quantlinear(monkeypatch, metho
     torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("group,split_k", [(None, 1), (None, 3), (32, 2), (64, 1)])
+def test_one_row_gemv_candidate(group, split_k):
+    """The batch-1 GEMV the engine's tuner may pick gives Part 8a's dequantize + matmul (float32)."""
+    from servinglab.model.triton.quant_gemv import quant_gemv
+
+    with impl.use_impl("solutions"):
+        q = impl.load_part("quantization")
+        w = torch.randn(40, 256, generator=torch.Generator().manual_seed(5)) * torch.logspace(-2, 1, 40)[:, None]
+        codes, scales = q.quantize_int8(w) if group is None else q.quantize_int4(w, group)
+        w_hat = q.dequantize_int8(codes, scales) if group is None else q.dequantize_int4(codes, scales, group)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6))
+    counters = torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):  # the counters must be left at zero for the next call
+        out = quant_gemv(x.to(DEVICE), codes.to(DEVICE), scales.to(DEVICE), group, counters, block_n=16, block_k=64, split_k=split_k)
+        torch.testing.assert_close(out.cpu(), x @ w_hat.T, atol=1e-4, rtol=1e-5)
+    assert int(counters.abs().sum()) == 0
+
+
 def _llm(method: str | None, enforce_eager: bool):
     from servinglab.engine.llm import LLM
 
