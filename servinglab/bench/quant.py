@@ -209,6 +209,11 @@ def run_bench_quant(args: argparse.Namespace) -> list[QuantRow]:
         fingerprint = text_fingerprint(text)
         ids = AutoTokenizer.from_pretrained(args.model)(text)["input_ids"]
         windows = token_windows(ids, args.ppl_window, args.ppl_windows)
+    if args.projections_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        proj = projections_on_cuda(args, [])
+        (args.out / "quant.json").write_text(json.dumps({"device": args.device, "projections": proj}, indent=2) + "\n")
+        return []
     variants = [(None, False), ("int8", False), ("int4", False)]
     if args.compile:
         variants += [(q, True) for q, _ in variants]
@@ -242,8 +247,8 @@ def projections_on_cuda(args: argparse.Namespace, rows: list[QuantRow]) -> list[
     print(projection_table(proj))
     plot_projection_rows(proj, args.out / "quant_projections.png")
     print(f"wrote {args.out / 'quant_projections.png'}")
-    base = rows[0]
     for r in rows[1:]:
+        base = rows[0]
         print(f"{r.name}: batch-1 TPOT {1e3 / r.decode_tok_s_b1:.2f} ms vs {1e3 / base.decode_tok_s_b1:.2f} ms "
               f"({r.decode_tok_s_b1 / base.decode_tok_s_b1:.2f}x); peak {r.peak_memory_bytes / base.weight_bytes:.2f}x "
               f"of the bf16 weights ({r.peak_memory_bytes / 1e6:.0f} MB, KV cache {args.kv_cache_gib} GiB included)")
@@ -264,6 +269,7 @@ def add_bench_quant_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
     p.add_argument("--projection-rows", type=int, nargs="*", default=[1, 8, 32, 128, 512, 8192],
                    help="CUDA: rows M of the projections-only table (bf16, fused int8/int4, torchao, fp8); none to skip")
+    p.add_argument("--projections-only", action="store_true", help="CUDA: only the projections table (no engine rows)")
     p.add_argument("--out", type=Path, default=Path("bench_results"))
 
 

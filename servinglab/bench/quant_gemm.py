@@ -35,6 +35,7 @@ H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e (NVIDIA's H200 datasheet)
 H200_BF16_PEAK = 989e12  # dense FLOP/s
 H200_FP8_PEAK = 1979e12
 DEFAULT_ROWS = (1, 8, 32, 128, 512, 8192)
+references: dict[str, list] = {}  # variant -> first layer's dequantize + F.linear (correctness of the tuned kernels)
 
 
 @dataclass
@@ -100,6 +101,7 @@ def build_variants(shapes: list[tuple[int, int]], layers: int, group_size: int) 
     dense = [[torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) / k**0.5 for n, k in shapes]
              for _ in range(layers)]
     variants: dict[str, tuple[list, int, str]] = {}
+    references.clear()
     nbytes = sum(w.numel() * 2 for layer in dense for w in layer)
     variants["bf16"] = ([[(lambda x, w=w: F.linear(x, w)) for w in layer] for layer in dense], nbytes, "cuBLAS")
     for method in ("int8", "int4"):
@@ -114,6 +116,7 @@ def build_variants(shapes: list[tuple[int, int]], layers: int, group_size: int) 
         size = sum(m.weight_nbytes() for row in mods for m in row)
         name = method if method == "int8" else f"int4 g{group_size}"
         variants[name] = ([[(lambda x, m=m: quant_linear(m, x)) for m in row] for row in mods], size, "Part 8b fused kernel")
+        references[name] = [(lambda x, m=m: F.linear(x, m.dequantized_weight(x.dtype))) for m in mods[0]]
     try:
         from servinglab.bench.torchao_ref import torchao_int8_linear
 
@@ -162,6 +165,10 @@ def run_projection_bench(shapes: list[tuple[int, int]], layers: int, group_size:
                 torch.cuda.synchronize()
                 out.append(ProjectionRow(name, rows, None, pred, nbytes, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"))
                 continue
+            if name in references:  # the tuned kernel's answer against dequantize + F.linear, first layer
+                errs = [float((f(xs[k]).float() - r(xs[k]).float()).abs().max() / r(xs[k]).float().abs().max().clamp(min=1e-6))
+                        for f, r, (_, k) in zip(fns[0], references[name], shapes)]
+                note = f"{note}; max rel. error vs dequantized {max(errs):.1e}"
             out.append(ProjectionRow(name, rows, ms, pred, nbytes, note))
     return out
 
