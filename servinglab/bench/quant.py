@@ -201,7 +201,7 @@ def run_bench_quant(args: argparse.Namespace) -> list[QuantRow]:
 
         args.model = str(require_model())
     dtype = args.dtype or baseline_dtype(args.device)
-    windows, fingerprint = None, None
+    windows, fingerprint, ids = None, None, None
     if args.random_weights is None:
         from transformers import AutoTokenizer
 
@@ -232,6 +232,8 @@ def run_bench_quant(args: argparse.Namespace) -> list[QuantRow]:
                "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]}
     if args.device == "cuda" and args.projection_rows:
         payload["projections"] = projections_on_cuda(args, rows)
+    if ids is not None and args.gptq_windows:
+        payload["quality"] = rtn_against_gptq(args, ids)
     (args.out / "quant.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out / 'quant.json'}")
     return rows
@@ -255,6 +257,28 @@ def projections_on_cuda(args: argparse.Namespace, rows: list[QuantRow]) -> list[
     return [asdict(r) for r in proj]
 
 
+def rtn_against_gptq(args: argparse.Namespace, ids: list[int]) -> list[dict]:
+    """Held-out perplexity and KL of RTN INT8, RTN INT4 and GPTQ INT4 (:mod:`servinglab.bench.gptq_quality`), float32.
+
+    GPTQ calibrates on the *last* ``--gptq-windows`` windows of the text; every variant is
+    scored on the *first* ``--gptq-windows`` (disjoint, and the start of what the main
+    table's perplexity reads). The model was dequantized from a Q4_1 GGUF: its weights
+    already lie on a 4-bit grid (see the module docstring there).
+    """
+    from servinglab.bench.gptq_quality import quality_table, run_quality
+    from servinglab.model.weights import load_model
+
+    n = args.gptq_windows
+    windows = token_windows(ids, args.ppl_window, len(ids) // args.ppl_window)
+    if windows.shape[0] < 2 * n:
+        raise SystemExit(f"error: --gptq-windows {n} needs {2 * n} windows of {args.ppl_window} tokens, the text has {windows.shape[0]}")
+    rows = run_quality(lambda: load_model(args.model, dtype=torch.float32)[0], windows[-n:], windows[:n], (args.group_size,))
+    print("Quality on held-out text (SmolLM2-135M, itself dequantized from a Q4_1 GGUF: INT8 looks nearly free "
+          "and RTN INT4 re-rounds an existing 4-bit grid; KL to the unquantized model shows every change)")
+    print(quality_table(rows))
+    return [asdict(r) for r in rows]
+
+
 def add_bench_quant_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the prepared SmolLM2)")
     p.add_argument("--random-weights", choices=sorted(RANDOM_CONFIGS), default=None, help="random weights of a real config (speed only)")
@@ -269,6 +293,7 @@ def add_bench_quant_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
     p.add_argument("--projection-rows", type=int, nargs="*", default=[1, 8, 32, 128, 512, 8192],
                    help="CUDA: rows M of the projections-only table (bf16, fused int8/int4, torchao, fp8); none to skip")
+    p.add_argument("--gptq-windows", type=int, default=4, help="real model: windows to calibrate GPTQ on and to score RTN vs GPTQ on (0: skip)")
     p.add_argument("--projections-only", action="store_true", help="CUDA: only the projections table (no engine rows)")
     p.add_argument("--out", type=Path, default=Path("bench_results"))
 
