@@ -25,8 +25,9 @@ the GPTQ paper: simpler, and what the comparison needs.
 
 from __future__ import annotations
 
+import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -146,3 +147,25 @@ def quality_table(rows: list[QualityRow]) -> str:
     for r in rows:
         lines.append(f"| {r.name} | {r.perplexity:.3f} | {r.perplexity - base:+.3f} | {r.kl:.4f} |")
     return "\n".join(lines)
+
+
+def rtn_against_gptq(args: argparse.Namespace, ids: list[int]) -> list[dict]:
+    """`bench quant`'s quality table: held-out perplexity and KL of RTN INT8, RTN INT4 and GPTQ INT4, float32.
+
+    GPTQ calibrates on the *last* ``--gptq-windows`` windows of the text; every variant is
+    scored on the *first* ``--gptq-windows`` (disjoint, and the start of what the main
+    table's perplexity reads). The model was dequantized from a Q4_1 GGUF: its weights
+    already lie on a 4-bit grid (see the module docstring there).
+    """
+    from servinglab.bench.quality import token_windows
+    from servinglab.model.weights import load_model
+
+    n = args.gptq_windows
+    windows = token_windows(ids, args.ppl_window, len(ids) // args.ppl_window)
+    if windows.shape[0] < 2 * n:
+        raise SystemExit(f"error: --gptq-windows {n} needs {2 * n} windows of {args.ppl_window} tokens, the text has {windows.shape[0]}")
+    rows = run_quality(lambda: load_model(args.model, dtype=torch.float32)[0], windows[-n:], windows[:n], (args.group_size,))
+    print("Quality on held-out text (SmolLM2-135M, itself dequantized from a Q4_1 GGUF: INT8 looks nearly free "
+          "and RTN INT4 re-rounds an existing 4-bit grid; KL to the unquantized model shows every change)")
+    print(quality_table(rows))
+    return [asdict(r) for r in rows]

@@ -233,6 +233,8 @@ def run_bench_quant(args: argparse.Namespace) -> list[QuantRow]:
     if args.device == "cuda" and args.projection_rows:
         payload["projections"] = projections_on_cuda(args, rows)
     if ids is not None and args.gptq_windows:
+        from servinglab.bench.gptq_quality import rtn_against_gptq
+
         payload["quality"] = rtn_against_gptq(args, ids)
     (args.out / "quant.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out / 'quant.json'}")
@@ -255,28 +257,6 @@ def projections_on_cuda(args: argparse.Namespace, rows: list[QuantRow]) -> list[
               f"({r.decode_tok_s_b1 / base.decode_tok_s_b1:.2f}x); peak {r.peak_memory_bytes / base.weight_bytes:.2f}x "
               f"of the bf16 weights ({r.peak_memory_bytes / 1e6:.0f} MB, KV cache {args.kv_cache_gib} GiB included)")
     return [asdict(r) for r in proj]
-
-
-def rtn_against_gptq(args: argparse.Namespace, ids: list[int]) -> list[dict]:
-    """Held-out perplexity and KL of RTN INT8, RTN INT4 and GPTQ INT4 (:mod:`servinglab.bench.gptq_quality`), float32.
-
-    GPTQ calibrates on the *last* ``--gptq-windows`` windows of the text; every variant is
-    scored on the *first* ``--gptq-windows`` (disjoint, and the start of what the main
-    table's perplexity reads). The model was dequantized from a Q4_1 GGUF: its weights
-    already lie on a 4-bit grid (see the module docstring there).
-    """
-    from servinglab.bench.gptq_quality import quality_table, run_quality
-    from servinglab.model.weights import load_model
-
-    n = args.gptq_windows
-    windows = token_windows(ids, args.ppl_window, len(ids) // args.ppl_window)
-    if windows.shape[0] < 2 * n:
-        raise SystemExit(f"error: --gptq-windows {n} needs {2 * n} windows of {args.ppl_window} tokens, the text has {windows.shape[0]}")
-    rows = run_quality(lambda: load_model(args.model, dtype=torch.float32)[0], windows[-n:], windows[:n], (args.group_size,))
-    print("Quality on held-out text (SmolLM2-135M, itself dequantized from a Q4_1 GGUF: INT8 looks nearly free "
-          "and RTN INT4 re-rounds an existing 4-bit grid; KL to the unquantized model shows every change)")
-    print(quality_table(rows))
-    return [asdict(r) for r in rows]
 
 
 def add_bench_quant_arguments(p: argparse.ArgumentParser) -> None:
