@@ -38,7 +38,7 @@ PART_MODULES: dict[int, tuple[str, ...]] = {
     5: ("speculative", "speculative_math"),
     6: ("serving", "serving_stats"),
     7: ("load_balancer", "prefix_tree", "monitoring"),
-    8: ("quantization",),
+    8: ("quantization", "quant_gemm_triton", "gptq"),
     9: ("tensor_parallel", "tp_collectives", "pipeline_parallel"),
 }
 MODULES: tuple[str, ...] = tuple(m for mods in PART_MODULES.values() for m in mods)

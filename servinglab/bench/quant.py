@@ -213,7 +213,7 @@ def run_bench_quant(args: argparse.Namespace) -> list[QuantRow]:
 
         args.model = str(require_model())
     dtype = args.dtype or baseline_dtype(args.device)
-    windows, fingerprint = None, None
+    windows, fingerprint, ids = None, None, None
     if args.random_weights is None:
         from transformers import AutoTokenizer
 
@@ -221,6 +221,11 @@ def run_bench_quant(args: argparse.Namespace) -> list[QuantRow]:
         fingerprint = text_fingerprint(text)
         ids = AutoTokenizer.from_pretrained(args.model)(text)["input_ids"]
         windows = token_windows(ids, args.ppl_window, args.ppl_windows)
+    if args.projections_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        proj = projections_on_cuda(args, [])
+        (args.out / "quant.json").write_text(json.dumps({"device": args.device, "projections": proj}, indent=2) + "\n")
+        return []
     variants = [(None, False), ("int8", False), ("int4", False)]
     if args.compile:
         variants += [(q, True) for q, _ in variants]
@@ -237,9 +242,33 @@ def run_bench_quant(args: argparse.Namespace) -> list[QuantRow]:
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"device": args.device, "dtype": dtype, "model": args.random_weights or args.model, "text": fingerprint,
                "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]}
+    if args.device == "cuda" and args.projection_rows:
+        payload["projections"] = projections_on_cuda(args, rows)
+    if ids is not None and args.gptq_windows:
+        from servinglab.bench.gptq_quality import rtn_against_gptq
+
+        payload["quality"] = rtn_against_gptq(args, ids)
     (args.out / "quant.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out / 'quant.json'}")
     return rows
+
+
+def projections_on_cuda(args: argparse.Namespace, rows: list[QuantRow]) -> list[dict]:
+    """The projections-only table (:mod:`servinglab.bench.quant_gemm`) of the same config, plus its plot."""
+    from servinglab.bench.quant_gemm import plot_projection_rows, projection_shapes, projection_table, run_projection_bench
+
+    cfg = RANDOM_CONFIGS[args.random_weights or "smollm2-135m"]
+    shapes = projection_shapes(cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"])
+    proj = run_projection_bench(shapes, cfg["num_hidden_layers"], args.group_size, tuple(args.projection_rows))
+    print(projection_table(proj))
+    plot_projection_rows(proj, args.out / "quant_projections.png")
+    print(f"wrote {args.out / 'quant_projections.png'}")
+    for r in rows[1:]:
+        base = rows[0]
+        print(f"{r.name}: batch-1 TPOT {1e3 / r.decode_tok_s_b1:.2f} ms vs {1e3 / base.decode_tok_s_b1:.2f} ms "
+              f"({r.decode_tok_s_b1 / base.decode_tok_s_b1:.2f}x); peak {r.peak_memory_bytes / base.weight_bytes:.2f}x "
+              f"of the bf16 weights ({r.peak_memory_bytes / 1e6:.0f} MB, KV cache {args.kv_cache_gib} GiB included)")
+    return [asdict(r) for r in proj]
 
 
 def add_bench_quant_arguments(p: argparse.ArgumentParser) -> None:
@@ -254,6 +283,10 @@ def add_bench_quant_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens per prompt compared with the first row")
     p.add_argument("--kv-cache-gib", type=float, default=0.5)
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    p.add_argument("--projection-rows", type=int, nargs="*", default=[1, 8, 32, 128, 512, 8192],
+                   help="CUDA: rows M of the projections-only table (bf16, fused int8/int4, torchao, fp8); none to skip")
+    p.add_argument("--gptq-windows", type=int, default=4, help="real model: windows to calibrate GPTQ on and to score RTN vs GPTQ on (0: skip)")
+    p.add_argument("--projections-only", action="store_true", help="CUDA: only the projections table (no engine rows)")
     p.add_argument("--out", type=Path, default=Path("bench_results"))
 
 

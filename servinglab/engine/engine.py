@@ -43,22 +43,29 @@ class LLMEngine:
 
             self.tp_executor = model = TPExecutor(config, model, hf_config)
             hf_config, tokenizer = model.hf_config, tokenizer or model.load_tokenizer()
+        # Part 8 on a GPU: load on the CPU and quantize layer by layer onto the GPU, which then
+        # never holds the unquantized projections (peak memory = the quantized model's).
+        quantize_on_load = config.quantization is not None and self.device.type == "cuda"
         if model is None:
             if config.model is None:
                 raise ValueError("model must be a model folder (run `servinglab prepare-model`) or a model object")
-            model, hf_config = weights.load_model(config.model, dtype=config.torch_dtype, device=self.device)
+            model, hf_config = weights.load_model(config.model, dtype=config.torch_dtype,
+                                                  device="cpu" if quantize_on_load else self.device)
             if tokenizer is None:
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(config.model)
         elif hf_config is None:
             raise ValueError("hf_config is required when a model object is passed")
-        else:
-            model = model.to(device=self.device)  # a ready model may come from the CPU
         if config.quantization is not None:  # Part 8: before packing (cpu_gemm only re-lays plain nn.Linear)
             from servinglab.model.quant import quantize_model
 
-            quantize_model(model, config.quantization, config.quantization_group_size)
+            quantize_model(model, config.quantization, config.quantization_group_size, device=self.device)
+        model = model.to(device=self.device)  # a ready model may come from the CPU
+        if self.device.type == "cpu" and config.quantization == "int8":
+            from servinglab.model.quant import use_cpu_int8pack
+
+            use_cpu_int8pack(model, config.torch_dtype)  # bf16/fp16 activations only (float32 stays exact)
         if self.device.type == "cpu" and hasattr(model, "prepack_cpu_weights"):
             model.prepack_cpu_weights(config.cpu_gemm)  # bf16/fp16 oneDNN weight packing (servinglab.model.cpu_gemm)
         self.model, self.hf_config, self.tokenizer = model, hf_config, tokenizer

@@ -12,7 +12,8 @@ gate_up GEMM (+ SiLU*up at small batch) [-> SiLU*up] -> down GEMM -> add+RMSNorm
 with the residual stream carried beside the hidden state, so each residual add is
 fused into the next norm (:mod:`servinglab.model.triton.rmsnorm`). At batch 1..16 the
 projections whose weights are small run :mod:`servinglab.model.triton.small_gemm`
-instead of cuBLAS (``worth_it`` holds the measured rule). Attention goes
+instead of cuBLAS (``worth_it`` holds the measured rule); quantized projections run the
+fused dequantizing kernel (:mod:`servinglab.model.quant_gemm`, Part 8b). Attention goes
 through :mod:`servinglab.model.attention_backend` (Triton, block tables read in place).
 Nothing here reads a device tensor on the host, so a decode step can be captured as one
 CUDA graph (:mod:`servinglab.model.cuda_graphs`).
@@ -25,6 +26,7 @@ import torch
 from servinglab.interfaces import AttentionMetadata
 from servinglab.model import attention_backend
 from servinglab.model.llama import KVCache, LlamaForCausalLM, rope_theta_of
+from servinglab.model.quant_gemm import is_quantized, quant_linear
 from servinglab.model.triton.interpret import interpreting
 from servinglab.model.triton.rmsnorm import rms_norm
 from servinglab.model.triton.rope import rope_cos_sin_cache
@@ -43,8 +45,11 @@ def _small(layer: torch.nn.Module, x: torch.Tensor) -> bool:
 def project(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``, through the small-batch kernel where it wins (:func:`~.small_gemm.worth_it`).
 
-    Quantized and tensor-parallel layers (other classes) keep their own forward.
+    Quantized layers (Part 8a's codes) run the fused dequantizing kernel of Part 8b
+    (:mod:`servinglab.model.quant_gemm`); tensor-parallel layers keep their own forward.
     """
+    if is_quantized(layer):
+        return quant_linear(layer, x)
     return small_gemm(x, layer.weight) if _small(layer, x) else layer(x)
 
 

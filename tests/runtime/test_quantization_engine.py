@@ -75,6 +75,25 @@ def test_bfloat16_cpu_packing_leaves_quantized_layers_alone(tiny):
     assert len(out) == GREEDY.max_tokens and all(0 <= t < config.vocab_size for t in out)
 
 
+def test_cpu_int8pack_for_bfloat16_only():
+    """bf16 INT8 layers on a CPU run ``_weight_int8pack_mm`` (close to the float64 product, within bf16
+    rounding of the output); float32 layers keep ``QuantLinear.forward`` (exact)."""
+    from servinglab.model.quant import use_cpu_int8pack
+
+    q = impl.load_part("quantization")
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(192, 96, bias=False).requires_grad_(False)
+    lin.weight.copy_(torch.randn(96, 192, generator=gen) / 14)
+    x = torch.randn(5, 192, generator=gen)
+    for dtype, used in ((torch.float32, 0), (torch.bfloat16, 1)):
+        layer = q.QuantLinear.from_linear(lin, "int8")
+        assert use_cpu_int8pack(torch.nn.Sequential(layer), dtype) == used
+        out = layer(x.to(dtype))
+        expected = x.to(dtype).double() @ layer.dequantized_weight().double().T
+        bound = 2 ** -7 * float(expected.abs().max()) if used else 1e-5
+        assert out.dtype == dtype and float((out.double() - expected).abs().max()) <= bound
+
+
 def test_bad_quantization_settings_name_the_parameter(tiny):
     config, _ = tiny
     with pytest.raises(ValueError, match="quantization must be one of"):
