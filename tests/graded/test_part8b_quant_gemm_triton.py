@@ -76,7 +76,7 @@ def check(out: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, what: str)
     assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}: check the nibble order, which scale each block uses, the split-K sum"
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_int8_decode_rows(quant_gemm_triton, split_k):
     """M = 3 rows, N = 40 (not a multiple of the tile), rows of mixed magnitude, with and without split-K."""
@@ -89,7 +89,7 @@ def test_int8_decode_rows(quant_gemm_triton, split_k):
     check(out, int8_reference(x, q, scales), x.to(DEVICE), f"int8 split_k={split_k}")
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 @pytest.mark.parametrize("group,split_k", [(32, 1), (64, 2)])
 def test_int4_decode_rows(quant_gemm_triton, group, split_k):
     """M = 1 and 2 rows through the split-K decode shape; random codes, per-group scales of many magnitudes."""
@@ -101,7 +101,7 @@ def test_int4_decode_rows(quant_gemm_triton, group, split_k):
         check(out, int4_reference(x, packed, scales, group), x.to(DEVICE), f"int4 g{group} M={m} split_k={split_k}")
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 def test_int4_tiled_larger_m(quant_gemm_triton):
     """M = 40 rows in 32-row tiles (the prefill shape): a ragged last row block and column block."""
     packed, scales = random_int4(72, 128, 64, seed=7)
@@ -122,7 +122,7 @@ def test_empty_split_k_slices_and_repeated_calls(quant_gemm_triton):
         check(out, expected, x, f"call {call + 1} with 8 slices over 2 blocks")
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 @pytest.mark.parametrize("method,group", [("int8", None), ("int4", 64)])
 def test_agrees_with_part8a(quant_gemm_triton, quantization, method, group):
     """Your Part 8a codes of a mixed-magnitude weight, multiplied by the kernel = ``QuantLinear`` (float32)."""
@@ -134,7 +134,7 @@ def test_agrees_with_part8a(quant_gemm_triton, quantization, method, group):
     check(out, x.double() @ w_hat.double().T, x.to(DEVICE), f"{method} against Part 8a")
 
 
-@pytest.mark.points(2)
+@pytest.mark.points(1)
 @pytest.mark.parametrize("block_m,split_k", [(16, 2), (32, 1)], ids=["decode", "tiled"])
 def test_zero_groups_and_rows_from_part8a(quant_gemm_triton, quantization, block_m, split_k):
     """All-zero groups and an all-zero row, quantized by your Part 8a: finite, and zero where the weight is."""
