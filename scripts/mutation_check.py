@@ -34,11 +34,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from mutants import MUTANTS, Mutant  # noqa: E402
 
 
-
-
-def graded_files(part: int) -> list[str]:
-    """The graded test files of one part (Part 3 includes 3b, Part 8 8b and 8c, Part 9 9b)."""
-    return sorted(str(p) for p in (ROOT / "tests" / "graded").glob(f"test_part{part}[_a-z]*.py"))
+def graded_files(mutant: Mutant) -> list[str]:
+    """The graded test files a bug is run against: its ``tests`` globs, else its part's files (3 with 3b, 8 with 8b and 8c, 9 with 9b)."""
+    globs = mutant.tests or (f"test_part{mutant.part}[_a-z]*.py",)
+    return sorted({str(p) for g in globs for p in (ROOT / "tests" / "graded").glob(g)})
 
 
 def plant(mutant: Mutant, dest: Path) -> None:
@@ -55,12 +54,12 @@ def plant(mutant: Mutant, dest: Path) -> None:
     path.write_text(text)
 
 
-def failing_tests(part: int, workdir: Path) -> tuple[list[str], int]:
-    """Run the part's graded tests against ``workdir/solutions``; return (failed test ids, test cases run)."""
+def failing_tests(mutant: Mutant, workdir: Path) -> tuple[list[str], int]:
+    """Run the bug's graded tests against ``workdir/solutions``; return (failed test ids, test cases run)."""
     report = workdir / "junit.xml"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(workdir), str(ROOT)]), "SERVINGLAB_IMPL": "solutions"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--impl", "solutions",
-           f"--junitxml={report}", *graded_files(part)]
+           f"--junitxml={report}", *graded_files(mutant)]
     # cwd=workdir: `python -m pytest` puts the working folder first on sys.path.
     subprocess.run(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     if not report.exists():
@@ -81,7 +80,7 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the bugs and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="name the failing tests")
     args = parser.parse_args()
-    chosen = [m for m in MUTANTS if (not args.part or m.part in args.part) and args.bug in m.name]
+    chosen = sorted((m for m in MUTANTS if (not args.part or m.part in args.part) and args.bug in m.name), key=lambda m: m.part)
     if args.list:
         for m in chosen:
             print(f"{m.part}  {m.name}  (solutions/{m.module}.py)")
@@ -91,7 +90,7 @@ def main() -> int:
     for m in chosen:
         with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
             plant(m, Path(tmp))
-            failed, total = failing_tests(m.part, Path(tmp))
+            failed, total = failing_tests(m, Path(tmp))
         # A parametrized test counts once: its cases are not independent tests.
         tests = sorted({name.split("[")[0] for name in failed})
         flag = "" if len(tests) >= args.min_fail else "   <-- too few"

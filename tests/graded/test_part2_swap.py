@@ -7,6 +7,12 @@ copy-on-write) must give every sequence back exactly its own contents, and no bl
 may leak on either side. The scheduler and engine tests check that ``preemption_mode
 ="swap"`` recomputes nothing, falls back to recompute (counted) when the host pool is
 full, and produces the same greedy float32 tokens as a run that never preempts.
+
+Plausible bugs these tests guard against (each fails at least two of them): swap_out
+that keeps the device blocks referenced, free_swapped that leaks the host blocks, a host
+capacity check off by one, swap_in that copies blocks still cached on the device; in
+the scheduler (Part 4): a swapped sequence that loses its computed tokens or goes to the
+back of the swapped queue, a host-full fallback not counted apart.
 """
 
 from __future__ import annotations
@@ -97,6 +103,39 @@ def test_swap_round_trip_keeps_contents_and_leaks_nothing(block_manager: ModuleT
     for sid in (1, 2):
         m.deallocate_blocks(sid)
     assert m.num_free_blocks == 8 and m.num_free_host_blocks == 6 and not m.block_tables, "no block leaked on either side"
+
+
+@pytest.mark.part(2)
+@pytest.mark.points(1)
+def test_host_pool_capacity_by_hand(block_manager: ModuleType) -> None:
+    """A host pool of 3 blocks: a 3-block table fits exactly; then not even one block more does."""
+    m, sh = make(block_manager, num_blocks=8, host=3), Shadow()
+    fill(m, sh, 1, list(range(12)))  # exactly 3 blocks
+    fill(m, sh, 2, list(range(20, 23)))  # 1 block
+    assert m.can_swap_out(1), "3 blocks into 3 free host blocks fit"
+    assert len(m.swap_out(1)) == 3 and m.num_free_host_blocks == 0
+    assert not m.can_swap_out(2), "no host block is free"
+    with pytest.raises(block_manager.NoFreeBlocksError):
+        m.swap_out(2)
+    assert m.block_tables[2] == [3] and m.num_free_blocks == 7, "a refused swap_out leaves the table and the pool alone"
+
+
+@pytest.mark.part(2)
+@pytest.mark.points(1)
+def test_swap_in_revives_its_own_cached_blocks(block_manager: ModuleType) -> None:
+    """Swapped out and straight back in: the 2 full blocks are still cached on the device, only the partial one is copied."""
+    m, sh = make(block_manager, num_blocks=8, host=4, caching=True), Shadow()
+    prompt = list(range(9))  # blocks 0, 1 full (published), block 2 holds one token
+    fill(m, sh, 1, prompt)
+    want = sh.read(m, 1, len(prompt))
+    sh.swap_out(m.swap_out(1))
+    assert m.num_free_blocks == 8, "the swapped sequence's device blocks are free (the full ones keep their hashes)"
+    assert m.can_swap_in(1, len(prompt))
+    back = m.swap_in(1)
+    sh.swap_in(back)
+    assert len(back) == 1, f"copy only the block that is not cached on the device, got pairs {back}"
+    assert m.block_tables[1][:2] == [0, 1] and m.num_free_blocks == 5 and m.num_free_host_blocks == 4
+    assert sh.read(m, 1, len(prompt)) == want
 
 
 @pytest.mark.part(2)
@@ -249,24 +288,37 @@ def test_random_workloads_with_swap(block_manager: ModuleType) -> None:
 # ----- Part 4: the scheduler's choice -----
 
 
-def drive(block_manager, scheduler, mode: str, host: int, prompts: list[int], max_tokens: int = 6):
-    """Run a workload on 12 blocks of 4 tokens; return (scheduler, tokens computed, outputs, outs)."""
+def drive(block_manager, scheduler, mode: str, host: int, prompts: list[int], max_tokens: int = 6, **kwargs):
+    """Run a workload on 12 blocks of 4 tokens; return (scheduler, tokens computed, outputs, outs).
+
+    Checked at every step: the token budget, ``max_num_seqs``, the swapped queue in arrival
+    order (oldest at the front, the next to resume), and a resumed sequence's computed
+    tokens the ones it had when it was swapped out.
+    """
     bm = make(block_manager, num_blocks=12, host=host)
-    sched = scheduler.Scheduler(bm, max_num_batched_tokens=16, preemption_mode=mode)
+    sched = scheduler.Scheduler(bm, max_num_batched_tokens=16, preemption_mode=mode, **kwargs)
     seqs = [Sequence(prompt_token_ids=list(range(i * 100, i * 100 + n))) for i, n in enumerate(prompts)]
+    arrival = {s.seq_id: i for i, s in enumerate(seqs)}
     for s in seqs:
         sched.add_sequence(s)
-    computed, outs = 0, []
+    computed, outs, kept = 0, [], {}
     for _ in range(2000):
         if not sched.has_unfinished():
             break
         out = sched.schedule()
         outs.append(out)
+        assert sum(item.num_new_tokens for item in out.scheduled) <= 16, "a step went over max_num_batched_tokens"
+        assert len(sched.running) <= sched.max_num_seqs
+        order = [arrival[s.seq_id] for s in sched.swapped]
+        assert order == sorted(order), f"swapped queue out of arrival order: {order} (the oldest resumes first)"
         for seq in out.preempted:
             if seq.status is SequenceStatus.SWAPPED:
                 assert seq in sched.swapped and seq.seq_id not in bm.block_tables and seq.num_computed_tokens > 0
+                kept[seq.seq_id] = seq.num_computed_tokens
         for item in out.scheduled:
             seq = item.seq
+            if seq.seq_id in kept and not bm.is_swapped(seq.seq_id):
+                assert seq.num_computed_tokens == kept.pop(seq.seq_id), "a swapped-in sequence keeps the tokens it had computed"
             assert seq.status is SequenceStatus.RUNNING and seq in sched.running, "a resumed sequence runs (status RUNNING)"
             computed += item.num_new_tokens
             seq.num_computed_tokens += item.num_new_tokens
@@ -284,14 +336,24 @@ def drive(block_manager, scheduler, mode: str, host: int, prompts: list[int], ma
 @pytest.mark.part(4)
 @pytest.mark.points(1)
 def test_scheduler_swaps_instead_of_recomputing(block_manager, scheduler) -> None:
-    prompts = [9, 10, 11, 12]  # with 6 outputs each: 60 tokens, 15+ blocks wanted, 12 exist
-    minimum = sum(n + 6 - 1 for n in prompts)  # every prompt token and every output but the last, once
-    rec, rec_tokens, _, _ = drive(block_manager, scheduler, "recompute", 0, prompts)
+    prompts = [9, 10, 11, 12]  # with 8 outputs each: 74 tokens, 19+ blocks wanted, 12 exist (two swapped out at once)
+    minimum = sum(n + 8 - 1 for n in prompts)  # every prompt token and every output but the last, once
+    rec, rec_tokens, _, _ = drive(block_manager, scheduler, "recompute", 0, prompts, max_tokens=8)
     assert rec.preemption_counts["recompute"] > 0 and rec_tokens > minimum, "the workload must force recompute preemption"
-    swap, swap_tokens, _, outs = drive(block_manager, scheduler, "swap", 12, prompts)
+    swap, swap_tokens, _, outs = drive(block_manager, scheduler, "swap", 12, prompts, max_tokens=8)
     assert swap.preemption_counts["swap"] > 0 and swap.preemption_counts["recompute"] == 0
     assert swap_tokens == minimum, f"swap mode recomputes nothing: {swap_tokens} tokens computed, {minimum} needed"
     assert sum(len(o.blocks_to_swap_out) for o in outs) == sum(len(o.blocks_to_swap_in) for o in outs) > 0
+
+
+@pytest.mark.part(4)
+@pytest.mark.points(2)
+def test_several_swapped_sequences_resume_oldest_first(block_manager, scheduler) -> None:
+    """Six prompts, up to six running: four swaps, several sequences out at once, resumed in arrival order."""
+    prompts = [5, 6, 7, 8, 9, 10]
+    sched, tokens, _, outs = drive(block_manager, scheduler, "swap", 12, prompts, max_tokens=12, max_num_seqs=6)
+    assert sched.preemption_counts["swap"] >= 4 and sched.preemption_counts["recompute"] == 0
+    assert tokens == sum(n + 12 - 1 for n in prompts), "swap mode recomputes nothing"
 
 
 @pytest.mark.part(4)

@@ -7,7 +7,12 @@ error on those inputs must beat round-to-nearest's clearly. With an identity Hes
 there is nothing to feed back and GPTQ must give Part 8a's codes exactly. An all-zero
 weight group (its scale needs Part 8a's zero-group guard: without it GPTQ divides 0 by 0
 and the NaN spreads along the row through the error feedback) and an input channel that
-is 0 on every token (a zero Hessian diagonal) must both give finite codes.
+is 0 on every token (a zero Hessian diagonal) must both give finite codes. A column-by-column float64 version of the paper's
+Algorithm 1, written out here, must give (almost all) the same codes.
+
+Plausible bugs these tests guard against (each fails at least two of them): the
+quantization error not fed back to later columns (plain RTN), the error not divided by
+the Cholesky factor's diagonal, a Hessian without its factor ``2 / n``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,72 @@ def test_hessian_from_inputs(gptq):
     h = gptq.hessian_from_inputs(x)
     flat = x.reshape(-1, 16)
     torch.testing.assert_close(h, 2 * flat.T @ flat / 15)
+
+
+@pytest.mark.points(1)
+def test_hessian_by_hand(gptq):
+    """Four tokens of two channels: ``X^T X = [[11, 14], [14, 21]]``, so ``H = 2 / 4 X^T X``, with any leading batch shape."""
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 1.0], [1.0, 0.0]]])  # [2, 2, 2]: a batch of two, two tokens each
+    torch.testing.assert_close(gptq.hessian_from_inputs(x), torch.tensor([[5.5, 7.0], [7.0, 10.5]]))
+
+
+@pytest.mark.points(1)
+def test_one_error_fed_forward_by_hand(gptq):
+    """Columns 0 and 1 coupled through ``H^-1 = [[0.25, 0.125], [0.125, 1]]`` (identity elsewhere), one row, one group.
+
+    Scale ``0.7 / 7 = 0.1`` (column 31). Column 0: ``0.26 -> 3``, error ``-0.04``. GPTQ moves
+    column 1 by ``-error x H^-1[0, 1] / H^-1[0, 0] = +0.02``: ``0.135 -> 0.155 -> code 2``, where
+    round-to-nearest gives 1 (and a feedback not divided by ``U[0, 0] = 0.5`` moves it by only 0.01).
+    """
+    hinv = torch.eye(32, dtype=torch.float64)
+    hinv[:2, :2] = torch.tensor([[0.25, 0.125], [0.125, 1.0]], dtype=torch.float64)
+    w = torch.zeros(1, 32)
+    w[0, 0], w[0, 1], w[0, 31] = 0.26, 0.135, 0.7
+    packed, scales = gptq.gptq_quantize_int4(w, torch.linalg.inv(hinv).float(), 32)
+    codes = dequant(packed, torch.ones_like(scales), 32)[0]
+    torch.testing.assert_close(scales, torch.tensor([[0.1]]))
+    assert codes[:2].tolist() == [3.0, 2.0] and float(codes[31]) == 7.0 and not bool(codes[2:31].any()), codes.tolist()
+
+
+def plain_gptq(w: torch.Tensor, h: torch.Tensor, group: int, damp: float = 0.01) -> torch.Tensor:
+    """Frantar et al.'s Algorithm 1 without lazy batching, in float64: the INT4 codes ``[N, K]``.
+
+    For each column ``j`` in order: a new group takes its scale from the weights *as updated
+    so far*; ``q = round(w_j / s)`` clamped to +-7; the error ``(w_j - q s) / U[j, j]`` is
+    subtracted from the columns to its right along row ``j`` of ``U``, the upper Cholesky
+    factor of ``H^-1`` (``H`` damped by ``damp x mean(diag H)``).
+    """
+    w = w.double().clone()
+    h = h.double() + damp * torch.diagonal(h).double().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    codes = torch.zeros_like(w)
+    s = torch.ones(w.shape[0], dtype=torch.float64)
+    for j in range(w.shape[1]):
+        if j % group == 0:
+            absmax = w[:, j : j + group].abs().amax(1)
+            s = torch.where(absmax > 0, absmax / 7, torch.ones_like(absmax))
+        q = torch.round(w[:, j] / s).clamp(-7, 7)
+        codes[:, j] = q
+        err = (w[:, j] - q * s) / u[j, j]
+        w[:, j:] -= err[:, None] * u[j, j:][None, :]
+    return codes
+
+
+@pytest.mark.points(1)
+def test_agrees_with_the_unbatched_algorithm(gptq):
+    """The lazy-batched float32 GPTQ gives (almost all) the codes of the column-by-column float64 algorithm.
+
+    Lazy batching reorders the same updates, so only a weight sitting on a rounding
+    boundary may come out one code apart: at most 1% of the codes may differ.
+    """
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(24, 256, generator=gen) / 16
+    h = gptq.hessian_from_inputs(correlated_inputs(512, 256, seed=12))
+    packed, scales = gptq.gptq_quantize_int4(w, h, 64)
+    got = dequant(packed, torch.ones_like(scales), 64)
+    want = plain_gptq(w, h, 64).float()
+    differ = float((got != want).float().mean())
+    assert differ <= 0.01, f"{differ:.1%} of the codes differ from Algorithm 1 (error feedback along U's rows, divided by U[j, j])"
 
 
 @pytest.mark.points(2)

@@ -5,12 +5,19 @@ random model twice in one process, whole and as two stages handing over ``(hidde
 residual)``, and compares the float32 hidden states. The engine test starts real gloo
 ranks: ``pipeline_parallel_size=2`` on a 3-layer tiny model (an uneven split) must give
 the greedy tokens of one rank through batching, chunked prefill and preemption.
+
+Plausible bugs these tests guard against (each fails at least two of them): a stage
+that forgets to add the incoming residual, layer ranges that overlap by one, the extra
+layers of an uneven split given to the first stages, a tied LM head missing on the last
+stage, virtual-engine ties going to the highest index.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from servinglab.interfaces import ScheduledSequence, SchedulerOutput
 from servinglab.model.cache import KVCacheSpec, allocate_kv_cache
@@ -68,6 +75,20 @@ def test_stage_state_dict_places_embedding_layers_and_head(pipeline_parallel):
         pp.stage_state_dict({**sd, "model.rotary.inv_freq": torch.zeros(2)}, 5, 0, 2)
 
 
+@pytest.mark.points(1)
+def test_uneven_split_weights_by_hand(pipeline_parallel):
+    """6 layers on 4 stages split 1, 2, 2, 1: the two extra layers go to the two stages before the last."""
+    pp = pipeline_parallel
+    sd = _state(6, tied=False)
+    stages = [pp.stage_state_dict(sd, 6, r, 4) for r in range(4)]
+    layer = ("self_attn.qkv_proj.weight", "input_layernorm.weight")
+    assert set(stages[0]) == {"model.embed_tokens.weight"} | {f"model.layers.0.{n}" for n in layer}
+    assert set(stages[3]) == {f"model.layers.0.{n}" for n in layer} | {"model.norm.weight", "lm_head.weight"}
+    held = [[float(st_[f"model.layers.{i}.input_layernorm.weight"][0]) for i in range(3) if f"model.layers.{i}.input_layernorm.weight" in st_]
+            for st_ in stages]
+    assert held == [[0.0], [1.0, 2.0], [3.0, 4.0], [5.0]], f"layers per stage {held}; want [[0], [1, 2], [3, 4], [5]]"
+
+
 def _prefill_inputs(model, tokens: list[int]):
     """Runner inputs for one sequence's whole prefill, and a fresh KV cache."""
     from servinglab.engine.runner import ModelRunner
@@ -111,6 +132,15 @@ def test_virtual_engine_choice_and_the_bubble(pipeline_parallel):
     for p, m in ((2, 1), (2, 4), (3, 2)):  # an ideal GPipe timeline: micro-batch j on stage s in slot s + j
         busy = [[(float(s + j), s + j + 1.0) for j in range(m)] for s in range(p)]
         assert pp.measured_bubble_fraction(busy) == pytest.approx(pp.gpipe_bubble_fraction(p, m))
+
+
+@pytest.mark.points(1)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=6))
+def test_virtual_engine_is_the_first_least_loaded(pipeline_parallel, unfinished):
+    """Against a brute-force reference: the lowest index among the engines with the fewest unfinished requests."""
+    want = unfinished.index(min(unfinished))
+    assert pipeline_parallel.pick_virtual_engine(unfinished) == want, f"{unfinished}: engine {want} has the fewest, first"
 
 
 @pytest.mark.points(4)
