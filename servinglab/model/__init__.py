@@ -14,3 +14,10 @@
 May import: :mod:`servinglab.interfaces`, :mod:`servinglab.sequence`,
 :mod:`servinglab.impl`. Knows nothing of requests, scheduling or serving.
 """
+
+# Triton reads TRITON_INTERPRET once, when it is first imported, and importing
+# transformers imports it (through torch._dynamo); so on a machine without CUDA the
+# interpreter is switched on here, before any module of this package imports either.
+from servinglab.model.triton.interpret import use_interpreter_without_gpu as _use_interpreter
+
+_use_interpreter()
