@@ -134,7 +134,7 @@ GPU_GRADING_WHEELS := nbgrader==0.9.6 alembic==1.20.1 mako==1.4.3 sqlalchemy==2.
 	terminado==0.18.1 send2trash==2.2.0 overrides==7.7.0 websocket_client==1.9.2 argon2_cffi==25.1.0 \
 	argon2_cffi_bindings==26.2.0 cffi==2.1.1 pycparser==3.12 jupyterlab==4.6.6 jupyterlab_server==2.28.1 json5==0.17.3 \
 	babel==2.19.0 async_lru==2.4.0 jupyter_lsp==2.3.1 jupyter_builder==1.3.0 notebook==7.6.5 notebook_shim==0.2.4 \
-	ipywidgets==8.1.9 widgetsnbextension==4.0.16 jupyterlab_widgets==3.0.17 nest_asyncio2==1.7.4 tzdata==2026.6
+	ipywidgets==8.1.9 widgetsnbextension==4.0.16 jupyterlab_widgets==3.0.17 nest_asyncio2==1.7.4 tzdata==2026.6 tinycss2==1.5.1
 GPU_MODEL_DIR ?= .gpu_model
 GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_34 manylinux_2_28 manylinux_2_26 manylinux_2_24 manylinux_2_17 manylinux_2_5 manylinux2014 manylinux1,--platform $(p)_x86_64)
 gpu-wheels: $(INSTALLED)
