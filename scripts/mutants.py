@@ -66,7 +66,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # ---- Part 4: continuous batching
     M(4, "preempts the oldest running sequence", "scheduler",
       (("victim = self.running.pop()", "victim = self.running.pop(0)"),)),
-    M(4, "a preempted sequence goes to the back of the queue", "scheduler",
+    M(4, "a preempted sequence goes to the back of the queue", "preemption",
       (("self.waiting.appendleft(seq)", "self.waiting.append(seq)"),)),
     M(4, "chunked prefill ignores the token budget", "scheduler",
       (("num_new = min(num_new, budget)", "num_new = num_new"),), count=2),
