@@ -229,10 +229,16 @@ nb.md("""
 `2 x params x B` FLOPs and reads every weight once. Weight-only quantization cuts the bytes
 read, so it can only help where reading weights is the bottleneck, *and* only if the
 kernel dequantizes inside the matrix product (the weights enter the registers as 4/8-bit
-codes). `QuantLinear` here dequantizes the whole weight to the activation dtype first and
-then calls `F.linear`: every step writes and re-reads a full-precision copy, so expect it
-to be *slower* than the baseline (the table above shows by how much on your machine).
-That is the honest cost of the simple path.
+codes). `QuantLinear.forward` dequantizes the whole weight to the activation dtype first
+and then calls `F.linear`: every step writes and re-reads a full-precision copy, so on that
+path expect it to be *slower* than the baseline. That is the honest cost of the simple path.
+The engine leaves it in two places. On a CPU with a bfloat16/float16 baseline, INT8 layers
+run through PyTorch's `_weight_int8pack_mm`, which multiplies the int8 codes directly (no
+dequantized copy): INT8 can then win at batch 1, where reading weights dominates, and still
+lose at batch 32, where that kernel is slower than the library's float GEMM. On CUDA every
+quantized layer runs your Part 8b fused kernel. INT4 on a CPU, and INT8 against a float32
+baseline (CPUs without bfloat16), take the simple path. Your table says which your machine
+took.
 
 Even with a fused kernel, SmolLM2-135M has little to gain: its decode step is bound by
 per-layer overheads (hundreds of small kernels or Python calls per step), not by the
@@ -244,7 +250,9 @@ weights, at batch 1, *after* `torch.compile` removed the overheads. So the seed'
 "1.5-2x" is a large-model, fused-kernel, memory-bound figure.
 
 A reference run on another machine (an NVIDIA H200, **not your machine**; random weights,
-bfloat16, the same engine and `QuantLinear`; one run, 2026-12-01):
+bfloat16, one run, 2026-12-01), from *before* the engine ran Part 8b's fused kernel on CUDA:
+every quantized layer took the simple dequantize-then-`F.linear` path, which is what this
+table measures:
 `servinglab bench quant --random-weights smollm2-135m --device cuda --steps 32 --compile`
 and `... --random-weights smollm2-1.7b --device cuda --steps 32`:
 
