@@ -700,13 +700,19 @@ once per mode (`servinglab bench preempt` is the full version; add `--device cud
 """)
 nb.code("""
 # requires: model
+import torch
 from servinglab.bench.preempt import preempt_table, run_preempt_bench
 
+gpu = torch.cuda.is_available()  # the bench's defaults: bfloat16 on a GPU, float32 on a CPU
 rows = run_preempt_bench(MODEL, num_requests=6, prompt_len=(32, 48), output_len=16, kv_fraction=0.4, quiet=True,
                          out=OUT / "preempt")
-print(preempt_table(rows, "float32, 6 requests, KV pool at 40% of the demand"))
+print(preempt_table(rows, f"{'bfloat16' if gpu else 'float32'}, 6 requests, KV pool at 40% of the demand"))
 rec, swp = rows
-assert rec["greedy_equal"] == swp["greedy_equal"] == 1.0, "both modes must give the same greedy tokens"
+if gpu:  # bf16 there: a re-prefilled K/V differs in its last bits from the decoded one
+    print(f"bf16 on the GPU: {swp['greedy_equal']:.0%} of swap's greedy outputs equal recompute's "
+          "(exact only in float32; where they differ, it is a near-tie flipping, as notebook 03 shows)")
+else:  # float32 on a CPU: both modes must give exactly the same tokens
+    assert rec["greedy_equal"] == swp["greedy_equal"] == 1.0, "both modes must give the same greedy tokens"
 verdict = "confirmed" if rec["tokens_per_s"] > swp["tokens_per_s"] else "refuted"
 print(f"'recompute is faster' is {verdict} on this machine: recompute {rec['tokens_per_s']:.1f} tok/s "
       f"({rec['tokens_recomputed']} tokens recomputed), swap {swp['tokens_per_s']:.1f} tok/s ({swp['blocks_moved']} blocks moved)")
