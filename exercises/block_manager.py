@@ -12,9 +12,11 @@ module owns the block tables; :mod:`.block_pool` owns the physical blocks.
   :meth:`~PagedAttentionConfig.append_slots` returns the ``(src, dst)`` copies to make.
 - Automatic prefix caching (vLLM v1): a full, computed block is published under a hash
   of its tokens chained with its parent's hash; a later prompt that starts with the
-  same full blocks reuses them.
+  same full blocks reuses them (lookup and publishing: :mod:`.block_prefix_cache`).
 - The last prompt token is always recomputed (its forward pass yields the first output
   token's logits), so a hit covers at most ``(len(token_ids) - 1) // block_size`` blocks.
+
+The mixins :mod:`.block_prefix_cache` and :mod:`.block_swap` (host swapping) complete the class.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Sequence as Seq
 from servinglab.interfaces import BlockManagerStats
 
 from .block_pool import BlockPool, NoFreeBlocksError, hash_block_tokens
+from .block_prefix_cache import PrefixCaching
 from .block_swap import SwapSpace
 
 __all__ = ["BlockManager", "BlockPool", "NoFreeBlocksError", "PagedAttentionConfig", "hash_block_tokens"]
@@ -35,7 +38,7 @@ def _check_positive_int(name: str, value: int) -> None:
     raise NotImplementedError("_check_positive_int: your code here")
 
 
-class PagedAttentionConfig(SwapSpace):
+class PagedAttentionConfig(PrefixCaching, SwapSpace):
     """Block tables of live sequences over a pool of ``num_blocks`` KV blocks.
 
     Implements :class:`servinglab.interfaces.BlockManager`. Token ``p`` of sequence ``s``
@@ -47,6 +50,8 @@ class PagedAttentionConfig(SwapSpace):
         enable_prefix_caching: publish computed full blocks and reuse them across prompts.
         block_tables: ``seq_id`` -> the sequence's physical block ids, in token order.
 
+    Prefix-cache lookup and publishing come from
+    :class:`~.block_prefix_cache.PrefixCaching`: ``_match_prefix`` / ``cache_blocks``.
     Swapping to a host pool of ``num_host_blocks`` blocks (``preemption_mode="swap"``)
     comes from :class:`~.block_swap.SwapSpace`: ``swap_out`` / ``swap_in``.
     """
@@ -102,11 +107,6 @@ class PagedAttentionConfig(SwapSpace):
     def get_slot(self, seq_id: int, position: int) -> int:
         """Return the cache slot of token ``position`` of ``seq_id`` (ValueError outside its blocks)."""
         raise NotImplementedError("get_slot: your code here")
-
-    def _match_prefix(self, token_ids: Seq[int]) -> tuple[list[int], list[bytes]]:
-        """The cached blocks that start ``token_ids`` and their keys (empty without prefix caching)."""
-        # Only blocks wholly before the last token may hit: it is always recomputed.
-        raise NotImplementedError("_match_prefix: your code here")
 
     def _free_blocks_needed(self, num_tokens: int, hits: list[int]) -> int:
         """Free blocks an allocation of ``num_tokens`` tokens with these prefix hits consumes."""
@@ -169,16 +169,6 @@ class PagedAttentionConfig(SwapSpace):
         # Validate and count every block needed before changing anything, so that a
         # NoFreeBlocksError leaves the manager as it was (the scheduler then preempts).
         raise NotImplementedError("append_slots: your code here")
-
-    def cache_blocks(self, seq_id: int, token_ids: Seq[int], num_computed_tokens: int) -> None:
-        """Publish the sequence's full blocks whose tokens are all computed to the prefix cache.
-
-        Idempotent; a no-op without prefix caching. ``token_ids`` are the sequence's
-        tokens (prompt then output); only the first ``num_computed_tokens`` matter.
-        If another block already caches the same content, this one stays private.
-        """
-        # Resume the hash chain after the blocks this sequence already published.
-        raise NotImplementedError("cache_blocks: your code here")
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """Let ``child_id`` share every block of ``parent_id`` (ref counts up, no copy)."""

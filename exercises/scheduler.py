@@ -37,20 +37,25 @@ chunked prefill off, more tokens than one step's budget). Room for the tokens a
 sequence will *generate* is the engine's check (prompt plus ``max_tokens``); if a
 sequence still outgrows the pool, :meth:`Scheduler.schedule` raises ``RuntimeError``
 once it is alone and cannot be admitted, rather than looping forever.
+
+Part 4's files: this one (the step loop over running sequences, forks, finishing),
+:mod:`.admission` (``add_sequence`` and admitting waiting sequences) and
+:mod:`.preemption` (preempting and resuming swapped sequences); the last two are mixins
+of :class:`Scheduler`.
 """
 
 from __future__ import annotations
 
 import collections
-import time
 
 from servinglab.interfaces import BlockManager, ScheduledSequence, SchedulerOutput
 from servinglab.sequence import Sequence, SequenceStatus
 
+from .admission import Admission
 from .preemption import PREEMPTION_MODES, Preemption
 
 
-class Scheduler(Preemption):
+class Scheduler(Admission, Preemption):
     """Decide, every step, which sequences run and how many new tokens each computes.
 
     Args:
@@ -114,19 +119,6 @@ class Scheduler(Preemption):
         """True while any sequence is waiting or running."""
         return bool(self.waiting) or bool(self.running) or bool(self.swapped)
 
-    def add_sequence(self, seq: Sequence) -> None:
-        """Queue a new sequence at the back of ``waiting`` with status ``WAITING``.
-
-        Raises:
-            ValueError: the sequence has no tokens; its tokens need more blocks than the
-                pool has (message names both numbers); or chunked prefill is off and its
-                tokens exceed ``max_num_batched_tokens`` (message names it). Such a sequence could never be
-                scheduled, so it is refused now instead of blocking the queue forever.
-        """
-        # Blocks needed: ceil(num_tokens / block_size). Compare with the whole pool, not
-        # the free blocks: blocks held by others come back, the pool size never grows.
-        raise NotImplementedError("add_sequence: your code here")
-
     def schedule(self) -> SchedulerOutput:
         """Plan one step: which sequences compute how many new tokens.
 
@@ -140,16 +132,9 @@ class Scheduler(Preemption):
            newest, preempt it and stop. Reserve slots with ``append_slots`` and collect
            its copy-on-write copies into ``block_copies``.
         2. Only if nothing was preempted, first resume swapped sequences (see
-           :meth:`_swap_in_swapped`); then, only if none is left swapped, admit waiting
-           sequences in order while fewer
-           than ``max_num_seqs`` run and budget remains. The head blocks the queue if it
-           does not fit (no skipping). Admitting a sequence means: ``allocate_blocks``
-           (its return value, the prefix-cache hit count, becomes both
-           ``seq.num_computed_tokens`` and ``seq.num_cached_tokens``), ``append_slots``
-           for this step's tokens, pop it from ``waiting``, set ``seq.status =
-           SequenceStatus.RUNNING``, set ``seq.first_scheduled_time =
-           time.perf_counter()`` if it is still ``None`` (a readmitted sequence keeps its
-           first time), and append it to ``running``.
+           :meth:`_swap_in_swapped`), then admit waiting sequences in order with the
+           budget left (see :meth:`_admit_waiting`: only once none is left swapped, and
+           the head blocks the queue if it does not fit).
 
         Invariants the tests check after every step: running sequences come before newly
         admitted ones in ``scheduled``; no sequence appears with 0 new tokens, and none
@@ -160,13 +145,11 @@ class Scheduler(Preemption):
         chunked prefill a sequence always gets all its uncomputed tokens.
 
         Raises:
-            RuntimeError: no sequence runs, the pool is empty and the budget whole, and
-                still the head of ``waiting`` cannot be admitted: it has outgrown the
-                pool (or the budget, without chunked prefill) and would wait forever.
+            RuntimeError: from :meth:`_admit_waiting`, when the head of ``waiting`` has
+                outgrown the pool (or the budget) and would wait forever.
         """
         # Hints: keep `budget` = tokens left this step. Walk `running` by index, because
-        # preemption pops from its end. `self.waiting[0]` is the head; pop it only once
-        # it is admitted.
+        # preemption pops from its end.
         raise NotImplementedError("schedule: your code here")
 
     def fork_sequence(self, parent: Sequence, child: Sequence) -> None:

@@ -8,7 +8,8 @@ a *rejection sampler* keeps the longest prefix the target agrees with and adds o
 of its own. Leviathan et al. (ICML 2023, arXiv 2211.17192) show the output is distributed
 exactly as if the target had sampled alone. The pieces mirror vLLM v1:
 ``sample/rejection_sampler.py`` (:func:`rejection_sample`) and
-``spec_decode/ngram_proposer.py`` (:class:`NgramProposer`).
+``spec_decode/ngram_proposer.py`` (:class:`NgramProposer`, in :mod:`.ngram_proposer`;
+the formulas are in :mod:`.speculative_math`; both are re-exported here).
 
 Why the rule is exact (one position, target ``p``, draft ``q``, drafted ``x ~ q``):
 accept ``x`` with probability ``min(1, p(x)/q(x))``; on rejection draw from
@@ -35,6 +36,7 @@ import torch
 
 from servinglab.engine.sampling import SamplingParams, probabilities
 
+from .ngram_proposer import NgramProposer
 from .speculative_math import expected_acceptance_rate, expected_speedup, expected_tokens_per_step
 
 __all__ = ["DraftModelProposer", "NgramProposer", "PLACEHOLDER_TOKEN_ID", "Proposer", "SpeculativeDecoding", "SpeculativeOutput",
@@ -94,29 +96,6 @@ def rejection_sample(
     # that one position per row; draw one token per row with the exponential race
     # argmax(dist / Exp(1)) (torch.multinomial runs host-side checks: a GPU stall).
     raise NotImplementedError("rejection_sample: your code here")
-
-
-class NgramProposer:
-    """Prompt-lookup decoding: guess that text repeats (Saxena's prompt lookup decoding, 2023; vLLM's ``ngram`` method).
-
-    Take the sequence's last ``n`` tokens for ``n`` from ``prompt_lookup_max`` down to
-    ``prompt_lookup_min``; at the first (longest) ``n`` that also occurs earlier in the
-    sequence, propose the up to ``num_speculative_tokens`` tokens that followed it.
-    Among several earlier occurrences the MOST RECENT one wins: recent context is the
-    best predictor of what repeats next (a quoted passage being copied, a list format),
-    and vLLM's KMP-based search also settles on the latest longest match.
-    """
-
-    def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int, num_speculative_tokens: int) -> None:
-        # Store the three arguments as attributes of the same names; raise ValueError naming
-        # the parameter unless 1 <= prompt_lookup_min <= prompt_lookup_max and num_speculative_tokens >= 1.
-        raise NotImplementedError("__init__: your code here")
-
-    def propose(self, token_ids: Sequence[int]) -> list[int]:
-        """Return up to ``num_speculative_tokens`` guessed next tokens, ``[]`` if no n-gram matches."""
-        # The suffix itself is not an "earlier" occurrence; an occurrence may overlap the suffix
-        # (in [5, 6, 5, 6] the 2-gram [5, 6] at 0 is followed by [5, 6]). Tensor.unfold lists n-grams.
-        raise NotImplementedError("propose: your code here")
 
 
 class DraftModelProposer:

@@ -32,10 +32,10 @@ PARTS: dict[int, str] = {
 }
 PART_MODULES: dict[int, tuple[str, ...]] = {
     1: ("kv_cache", "model_shape"),
-    2: ("block_manager", "block_pool", "block_swap"),
+    2: ("block_manager", "block_pool", "block_prefix_cache", "block_swap"),
     3: ("paged_attention", "paged_attention_triton"),
-    4: ("scheduler", "preemption"),
-    5: ("speculative", "speculative_math"),
+    4: ("scheduler", "admission", "preemption"),
+    5: ("speculative", "ngram_proposer", "speculative_math"),
     6: ("serving", "serving_stats"),
     7: ("load_balancer", "prefix_tree", "monitoring"),
     8: ("quantization", "quant_gemm_triton", "gptq"),

@@ -10,9 +10,11 @@ module owns the block tables; :mod:`.block_pool` owns the physical blocks.
   :meth:`~PagedAttentionConfig.append_slots` returns the ``(src, dst)`` copies to make.
 - Automatic prefix caching (vLLM v1): a full, computed block is published under a hash
   of its tokens chained with its parent's hash; a later prompt that starts with the
-  same full blocks reuses them.
+  same full blocks reuses them (lookup and publishing: :mod:`.block_prefix_cache`).
 - The last prompt token is always recomputed (its forward pass yields the first output
   token's logits), so a hit covers at most ``(len(token_ids) - 1) // block_size`` blocks.
+
+The mixins :mod:`.block_prefix_cache` and :mod:`.block_swap` (host swapping) complete the class.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Sequence as Seq
 from servinglab.interfaces import BlockManagerStats
 
 from .block_pool import BlockPool, NoFreeBlocksError, hash_block_tokens
+from .block_prefix_cache import PrefixCaching
 from .block_swap import SwapSpace
 
 __all__ = ["BlockManager", "BlockPool", "NoFreeBlocksError", "PagedAttentionConfig", "hash_block_tokens"]
@@ -36,7 +39,7 @@ def _check_positive_int(name: str, value: int) -> None:
     ### END SOLUTION
 
 
-class PagedAttentionConfig(SwapSpace):
+class PagedAttentionConfig(PrefixCaching, SwapSpace):
     """Block tables of live sequences over a pool of ``num_blocks`` KV blocks.
 
     Implements :class:`servinglab.interfaces.BlockManager`. Token ``p`` of sequence ``s``
@@ -48,6 +51,8 @@ class PagedAttentionConfig(SwapSpace):
         enable_prefix_caching: publish computed full blocks and reuse them across prompts.
         block_tables: ``seq_id`` -> the sequence's physical block ids, in token order.
 
+    Prefix-cache lookup and publishing come from
+    :class:`~.block_prefix_cache.PrefixCaching`: ``_match_prefix`` / ``cache_blocks``.
     Swapping to a host pool of ``num_host_blocks`` blocks (``preemption_mode="swap"``)
     comes from :class:`~.block_swap.SwapSpace`: ``swap_out`` / ``swap_in``.
     """
@@ -107,15 +112,6 @@ class PagedAttentionConfig(SwapSpace):
         if not 0 <= position < len(table) * self.block_size:
             raise ValueError(f"position must be in [0, {len(table) * self.block_size}) for seq_id {seq_id}, got {position}")
         return table[position // self.block_size] * self.block_size + position % self.block_size
-        ### END SOLUTION
-
-    def _match_prefix(self, token_ids: Seq[int]) -> tuple[list[int], list[bytes]]:
-        """The cached blocks that start ``token_ids`` and their keys (empty without prefix caching)."""
-        # Only blocks wholly before the last token may hit: it is always recomputed.
-        ### BEGIN SOLUTION
-        if not self.enable_prefix_caching:
-            return [], []
-        return self.pool.match_prefix(token_ids, self.block_size, (len(token_ids) - 1) // self.block_size)
         ### END SOLUTION
 
     def _free_blocks_needed(self, num_tokens: int, hits: list[int]) -> int:
@@ -245,32 +241,6 @@ class PagedAttentionConfig(SwapSpace):
         table.extend(self.pool.get_new_block() for _ in range(num_new_blocks))
         self._next_write[seq_id] = end
         return copies
-        ### END SOLUTION
-
-    def cache_blocks(self, seq_id: int, token_ids: Seq[int], num_computed_tokens: int) -> None:
-        """Publish the sequence's full blocks whose tokens are all computed to the prefix cache.
-
-        Idempotent; a no-op without prefix caching. ``token_ids`` are the sequence's
-        tokens (prompt then output); only the first ``num_computed_tokens`` matter.
-        If another block already caches the same content, this one stays private.
-        """
-        # Resume the hash chain after the blocks this sequence already published.
-        ### BEGIN SOLUTION
-        table = self._table(seq_id)
-        limit = min(len(token_ids), len(table) * self.block_size)
-        if not 0 <= num_computed_tokens <= limit:
-            raise ValueError(f"num_computed_tokens must be in [0, {limit}] for seq_id {seq_id}, got {num_computed_tokens}")
-        if not self.enable_prefix_caching:
-            return
-        keys = self._seq_hashes[seq_id]
-        key = keys[-1] if keys else None
-        for i in range(len(keys), num_computed_tokens // self.block_size):
-            key = hash_block_tokens(key, token_ids[i * self.block_size : (i + 1) * self.block_size])
-            block = table[i]
-            if self.pool.block_hashes[block] not in (None, key):
-                raise ValueError(f"token_ids of seq_id {seq_id} disagree with the tokens cached in block {block}")
-            self.pool.cache_block(block, key)
-            keys.append(key)
         ### END SOLUTION
 
     def fork(self, parent_id: int, child_id: int) -> None:

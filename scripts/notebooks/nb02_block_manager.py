@@ -19,10 +19,11 @@ nb.md("""
 
 Part 1 showed that the KV cache, not the weights, bounds how many requests run at once.
 This part is about *how* that memory is handed out. You implement
-`exercises/block_pool.py` (reference counts, the free queue, the prefix-cache map) and
+`exercises/block_pool.py` (reference counts, the free queue, the prefix-cache map),
 `exercises/block_manager.py` (`PagedAttentionConfig`: block tables, `allocate_blocks`,
-`append_slots` with copy-on-write, `fork`, `cache_blocks`, `deallocate_blocks`). Check
-yourself with `pytest tests/graded/test_part2_block_manager.py`.
+`append_slots` with copy-on-write, `fork`, `deallocate_blocks`) and
+`exercises/block_prefix_cache.py` (`_match_prefix` finds cached blocks, `cache_blocks`
+publishes computed ones). Check yourself with `pytest tests/graded/test_part2_block_manager.py`.
 
 The setup cell loads your module as `bm` (`load_part("block_manager")`). The pictures and
 the experiment below run *your* block manager, so they change when your code does.

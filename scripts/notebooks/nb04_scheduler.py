@@ -19,9 +19,10 @@ nb.md("""
 > `summarize`, alone.
 
 Every engine step starts with one question: *which sequences run now, and how many new
-tokens does each compute?* You implement `exercises/scheduler.py` (`Scheduler.add_sequence`,
-`schedule`, `_preempt`, `fork_sequence`, `finish_sequence`); it drives your Part 2 block
-manager. Check yourself with `pytest tests/graded/test_part4_scheduler.py`.
+tokens does each compute?* You implement `exercises/scheduler.py` (`Scheduler.schedule`,
+`fork_sequence`, `finish_sequence`), `exercises/admission.py` (`add_sequence`,
+`_admit_waiting`) and `exercises/preemption.py` (`_preempt`, `_swap_in_swapped`); they
+drive your Part 2 block manager. Check yourself with `pytest tests/graded/test_part4_scheduler.py`.
 
 The setup cell loads your modules as `sch` (`load_part("scheduler")`) and `bm`
 (`load_part("block_manager")`). First we drive them without a model to see each idea

@@ -30,10 +30,11 @@ they occurred earlier (vLLM's `ngram` method). A **rejection sampler** keeps a p
 the guesses and adds one token of the target's own, and the output has exactly the
 target's distribution.
 
-You implement `exercises/speculative.py`: `rejection_sample`, `NgramProposer`,
-`SpeculativeDecoding.generate_with_speculation` and the formulas
-`expected_acceptance_rate`, `expected_tokens_per_step`, `expected_speedup`. Check yourself
-with `pytest tests/graded/test_part5_speculative.py`.
+You implement `exercises/speculative.py` (`rejection_sample`,
+`SpeculativeDecoding.generate_with_speculation`), `exercises/ngram_proposer.py`
+(`NgramProposer`) and the formulas of `exercises/speculative_math.py`
+(`expected_acceptance_rate`, `expected_tokens_per_step`, `expected_speedup`). Check
+yourself with `pytest tests/graded/test_part5_speculative.py`.
 
 Sections 4-6 run the prepared model (section 4's graded cell too): code cells starting with
 `# requires: ...` print why they skip on a machine without it (a GPU runner without the

@@ -136,7 +136,7 @@ def test_part_requirement_waits_for_the_parts_stubs(machine):
     cell = ["# requires: model, part4\n", "print('ran')\n"]
     with use_impl("exercises"):
         out = printed(skip_if_missing(cell))
-        assert out.startswith("skipped (missing: part4): Part 4 (scheduler, preemption) still has stubs: ")
+        assert out.startswith("skipped (missing: part4): Part 4 (scheduler, admission, preemption) still has stubs: ")
         assert "Scheduler.schedule" in out and "rerun this cell" in out
     with use_impl("solutions"):
         assert printed(skip_if_missing(cell)) == "ran\n"
