@@ -32,7 +32,11 @@ sys.path.insert(0, str(pathlib.Path.cwd()))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from servinglab.impl import current_impl, load_part
 from servinglab.course.notebook import device_summary, enable_requires_marker, output_dir
+from servinglab.course.streams import warnings_to_stdout
 print("implementation under test:", current_impl(), "| device:", device_summary())
+# nbgrader gives a graded cell zero for any text on stderr, and libraries warn there (more
+# so on a GPU): their warnings still show, on stdout.
+print(warnings_to_stdout())
 OUT = output_dir("{name}")
 # Cells whose first line is `# requires: model, vllm, cuda` (any of them) print why they
 # skip where that is missing; what is missing is decided here, once.

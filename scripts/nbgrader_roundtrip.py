@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -40,16 +41,29 @@ c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "outpu
 """
 
 
-def nbgrader(course: Path, *args: str) -> None:
+def nbgrader(course: Path, *args: str, progress: bool = False) -> None:
+    """Run ``nbgrader ARGS`` in ``course``; ``progress``: print its per-notebook lines as they come."""
     # nbgrader runs helpers (alembic) from the environment's bin folder, or from the bin folder of a
     # `pip install --target` site on sys.path (a registry-less GPU runner, setup_guide.md section 5).
     bins = [str(Path(sys.executable).parent)] + [str(Path(p) / "bin") for p in sys.path if p and (Path(p) / "bin").is_dir()]
     path = os.pathsep.join([*bins, os.environ.get("PATH", "")])
     env = dict(os.environ, SERVINGLAB_IMPL="exercises", VLLM_ENABLE_V1_MULTIPROCESSING="0", PATH=path)
     cmd = [sys.executable, "-m", "nbgrader", *args]
-    proc = subprocess.run(cmd, cwd=course, env=env, capture_output=True, text=True)
+    if not progress:
+        proc = subprocess.run(cmd, cwd=course, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"`nbgrader {' '.join(args)}` failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return
+    # Long runs (autograde): echo which notebook starts when, so a run stopped by a time limit
+    # (a GPU runner's per-command limit) still tells how far it got and what took the time.
+    start, lines = time.monotonic(), []
+    with subprocess.Popen(cmd, cwd=course, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Autograding" in line:
+                print(f"  [{time.monotonic() - start:6.0f} s] {line.split('] ')[-1].strip()[:150]}", flush=True)
     if proc.returncode != 0:
-        raise SystemExit(f"`nbgrader {' '.join(args)}` failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise SystemExit(f"`nbgrader {' '.join(args)}` failed:\n{''.join(lines)[-8000:]}")
 
 
 def make_submission(course: Path, student: str, notebooks: Path, code_dir: Path) -> None:
@@ -91,13 +105,19 @@ def executed(course: Path, student: str) -> dict[str, dict]:
 
 
 def cell_errors(nb: dict) -> list[str]:
-    """One line per code cell that raised: what ``nbval --nbval-lax`` would fail on."""
+    """One line per code cell that raised (what ``nbval --nbval-lax`` would fail on), and per graded
+    cell that wrote to stderr: nbgrader scores such a cell zero (``nbgrader.utils.determine_grade``),
+    so a library's warning would cost a correct answer its points."""
     found = []
     for index, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        grade_id = meta.get("grade_id", "?")
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
-                grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", "?")
                 found.append(f"code cell {index} ({grade_id}): {out.get('ename')}: {str(out.get('evalue'))[:300]}")
+            elif meta.get("grade") and out.get("output_type") == "stream" and out.get("name") == "stderr":
+                text = "".join(out.get("text", "")).strip()
+                found.append(f"code cell {index} ({grade_id}): graded cell wrote to stderr (scored zero): {text[:300]}")
     return found
 
 
@@ -140,7 +160,7 @@ def main() -> int:
         for student in args.students:
             make_submission(course, student, *handed_in[student])
             nbgrader(course, "db", "student", "add", student)
-        nbgrader(course, "autograde", ASSIGNMENT, "--force")
+        nbgrader(course, "autograde", ASSIGNMENT, "--force", progress=True)
         result = scores(course, args.students)
         runs = {student: executed(course, student) for student in result}
         time_report(runs)

@@ -389,8 +389,10 @@ through = sum(len(p) for p in pp_prompts) + len(pp_prompts) * (8 - 1)   # tokens
 MiB = 2**20
 par_rows, par_tokens = [], {}
 for tp_, pp_ in ((1, 1), (2, 1), (1, 2)):
-    par = LLM(model_obj=random_model(mid, seed=0), hf_config=mid, dtype="float32", num_kv_blocks=64, max_model_len=512,
-              tensor_parallel_size=tp_, pipeline_parallel_size=pp_, extra={"tp_profile_collectives": tp_ > 1})
+    # device="cpu": the ranks are CPU processes (gloo), one per rank; on a GPU box the default
+    # device would be CUDA, which needs one GPU per rank.
+    par = LLM(model_obj=random_model(mid, seed=0), hf_config=mid, dtype="float32", device="cpu", num_kv_blocks=64,
+              max_model_len=512, tensor_parallel_size=tp_, pipeline_parallel_size=pp_, extra={"tp_profile_collectives": tp_ > 1})
     par_tokens[tp_, pp_] = [o.outputs[0].token_ids for o in par.generate(pp_prompts, pp_greedy, use_tqdm=False)]
     ex = par.engine.tp_executor
     if ex is None:

@@ -15,13 +15,23 @@ so one slow step (a collection, a page fault) cannot flip the decision.
 
 Estimates come from running both kinds: a bucket starts with ``MIN_SAMPLES`` plain steps,
 then ``MIN_SAMPLES`` speculative ones; after that the kind the rule did not pick still
-runs as a *probe*, so the estimates follow the workload: a plain probe every
-``PROBE_EVERY`` steps while speculating (cheap), a speculative probe every
-``max(PROBE_EVERY, (r - 1) / MAX_PROBE_COST)`` steps while not, where ``r = t_spec /
-(T t_plain)`` is what one probe costs in plain steps: probing never costs more than
-``MAX_PROBE_COST`` of the throughput (with acceptance 0 and a verification step 4x a
-plain one, one probe in 100 steps), and where acceptance recovers, speculation comes back
-at the next probe.
+runs now and then as a *probe*, so the estimates follow the workload. Each probe's cost is
+bounded: with ``r = t_spec / (T t_plain)`` (a speculative step's cost per token, in plain
+steps' units),
+
+- while speculating (``r <= 1``), a plain probe emits 1 token in ``t_plain`` where
+  speculation would have needed ``r t_plain``: it loses ``(1 - r) / (r T)`` speculative
+  steps, so it comes every ``max(PROBE_EVERY, (1 - r) / (r T MAX_PROBE_COST))`` steps;
+- while not (``r > 1``), a speculative probe takes ``t_spec = r T t_plain`` for ``T``
+  tokens: it loses ``T (r - 1)`` plain steps, so it comes every
+  ``max(PROBE_EVERY, T (r - 1) / MAX_PROBE_COST)`` steps;
+
+both capped at ``MAX_PROBE_EVERY``. Probes then cost at most ``MAX_PROBE_COST`` of the
+throughput wherever one probe loses at most ``MAX_PROBE_COST x MAX_PROBE_EVERY`` = 5 steps
+(beyond that, e.g. acceptance 0 with a verification 6x a plain step, the cap wins) (1%: with acceptance 0 and a verification step 2.5x a plain one, as for
+the 1.7B config at batch 64 on an H100, one speculative probe in 150 steps; at 2.7x
+speed-up, one plain probe in 50), and where acceptance recovers speculation comes back at
+the next probe.
 
 With the measured rule on, a step that also prefills (a sequence running or waiting has
 prompt tokens left) never speculates: it runs eagerly anyway, and its timing says nothing
@@ -40,7 +50,13 @@ EWMA = 0.25  # weight of the newest acceptance measurement
 WINDOW = 8  # step times per bucket and kind whose median is the estimate
 PROBE_EVERY = 16  # at most one probe step (the kind the rule did not pick) in 16
 MIN_SAMPLES = 3  # steps of each kind a bucket starts with
-MAX_PROBE_COST = 0.03  # speculative probes cost at most this share of the throughput
+MAX_PROBE_COST = 0.01  # probes (either kind) cost at most this share of the throughput
+MAX_PROBE_EVERY = 512  # ... and come at least this often, so the estimates follow the workload
+
+
+def probe_interval(loss: float) -> int:
+    """Steps between probes when one probe loses ``loss`` steps of the chosen kind (module docstring)."""
+    return min(MAX_PROBE_EVERY, max(PROBE_EVERY, math.ceil(loss / MAX_PROBE_COST - 1e-9)))  # (- 1e-9: 0.3 / 0.01 is 30.000000000000004)
 
 
 def bucket_of(batch: int) -> int:
@@ -97,11 +113,12 @@ class SpecPolicy:
             return False
         if len(specs) < MIN_SAMPLES or self.tokens_per_step is None:
             return True
-        plain, spec = _median(plains), _median(specs)
-        ratio = spec / (self.tokens_per_step * plain)  # r: a speculative step's cost in plain-step tokens
-        if ratio <= 1.0:
-            return n % PROBE_EVERY != PROBE_EVERY - 1  # speculate; a plain probe now and then
-        every = max(PROBE_EVERY, math.ceil((ratio - 1.0) / MAX_PROBE_COST))
+        plain, spec, tokens = _median(plains), _median(specs), self.tokens_per_step
+        ratio = spec / (tokens * plain)  # r: a speculative step's cost per token, in plain steps
+        if ratio <= 1.0:  # speculate; a plain probe now and then
+            every = probe_interval((1.0 - ratio) / (ratio * tokens))
+            return n % every != every - 1
+        every = probe_interval(tokens * (ratio - 1.0))
         return n % every == every - 1  # plain; a speculative probe now and then
 
     def record(self, batch: int, speculated: bool, seconds: float, tokens_per_seq: float | None = None) -> None:

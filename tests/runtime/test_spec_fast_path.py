@@ -21,7 +21,7 @@ import torch
 from servinglab import impl
 from servinglab.engine.ngram_index import NgramIndex
 from servinglab.engine.sampling import SamplingParams
-from servinglab.engine.spec_policy import MIN_SAMPLES, PROBE_EVERY, SpecPolicy, bucket_of
+from servinglab.engine.spec_policy import MAX_PROBE_COST, MAX_PROBE_EVERY, MIN_SAMPLES, PROBE_EVERY, SpecPolicy, bucket_of
 from servinglab.engine.spec_verify import check_batched, verify_batch, verify_rows
 
 REF = impl.load_part("speculative", "solutions")
@@ -61,18 +61,44 @@ def test_policy_warms_up_then_follows_the_measured_rule():
     for _ in range(MIN_SAMPLES):
         assert policy.should_speculate(1), "then speculative ones, to know t_spec and T"
         policy.record(1, True, 1.3, tokens_per_seq=3.0)  # 3 tokens in 1.3 plain steps: pays
-    decisions = [policy.should_speculate(1) for _ in range(2 * PROBE_EVERY)]
-    assert decisions.count(False) == 2, "speculating, with one plain probe every PROBE_EVERY steps"
+    # r = 1.3 / 3; a plain probe loses (1 - r) / (r T) = 0.436 speculative steps: one in 44 steps.
+    decisions = [policy.should_speculate(1) for _ in range(440)]
+    assert decisions.count(False) == 10, "speculating, with one plain probe every 44 steps"
     low = SpecPolicy(t_plain={1: [1.0] * 3}, t_spec={1: [1.3] * 3}, tokens_per_step=1.0)  # acceptance 0: T = 1 < 1.3
-    decisions = [low.should_speculate(1) for _ in range(2 * PROBE_EVERY)]
-    assert decisions.count(True) == 2, "off, with one speculative probe every PROBE_EVERY steps"
+    decisions = [low.should_speculate(1) for _ in range(300)]
+    assert decisions.count(True) == 10, "off; a speculative probe loses 0.3 plain steps: one in 30 steps"
     costly = SpecPolicy(t_plain={1: [1.0] * 3}, t_spec={1: [4.0] * 3}, tokens_per_step=1.0)  # a probe costs 3 steps
-    decisions = [costly.should_speculate(1) for _ in range(200)]
-    assert decisions.count(True) == 2, "probes at most MAX_PROBE_COST of the throughput: one in 100 steps here"
+    decisions = [costly.should_speculate(1) for _ in range(600)]
+    assert decisions.count(True) == 2, "probes at most MAX_PROBE_COST of the throughput: one in 300 steps here"
+    hopeless = SpecPolicy(t_plain={1: [1.0] * 3}, t_spec={1: [20.0] * 3}, tokens_per_step=1.0)
+    decisions = [hopeless.should_speculate(1) for _ in range(2 * MAX_PROBE_EVERY)]
+    assert decisions.count(True) == 2, "still one probe in MAX_PROBE_EVERY steps, so a change in the text is seen"
+    near = SpecPolicy(t_plain={1: [1.0] * 3}, t_spec={1: [1.05] * 3}, tokens_per_step=1.0)
+    decisions = [near.should_speculate(1) for _ in range(4 * PROBE_EVERY)]
+    assert decisions.count(True) == 4, "and at most one probe in PROBE_EVERY steps"
     for _ in range(8):  # acceptance recovers: the probes see it and speculation comes back
         low.record(1, True, 1.3, tokens_per_seq=3.5)
     assert low.should_speculate(1)
     assert bucket_of(1) == 1 and bucket_of(5) == bucket_of(8) == 8 and bucket_of(9) == 16
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_policy_probes_cost_at_most_max_probe_cost(seed: int) -> None:
+    """Simulated steps of fixed cost: the rule's throughput is within MAX_PROBE_COST of the better kind's."""
+    rng = random.Random(seed)
+    for _ in range(25):
+        t_spec, tokens = rng.uniform(0.5, 6.0), rng.uniform(1.0, 5.0)
+        if tokens * (t_spec / tokens - 1.0) > MAX_PROBE_COST * MAX_PROBE_EVERY:
+            continue  # one probe loses more than the cap allows for: the cap wins (module docstring)
+        policy = SpecPolicy(t_plain={1: [1.0] * 3}, t_spec={1: [t_spec] * 3}, tokens_per_step=tokens)
+        time_spent = emitted = 0.0
+        for _ in range(5000):
+            spec = policy.should_speculate(1)
+            time_spent += t_spec if spec else 1.0
+            emitted += tokens if spec else 1.0
+        best = max(1.0, tokens / t_spec)  # tokens per unit time of the better kind
+        # (a whole probe more or less over 5000 steps: 2% of the bound)
+        assert emitted / time_spent >= best * (1 - 1.02 * MAX_PROBE_COST), (t_spec, tokens)
 
 
 def test_policy_batch_limit_and_non_adaptive_mode():
