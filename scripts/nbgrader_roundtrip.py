@@ -143,7 +143,17 @@ def main() -> int:
     parser.add_argument("--notebooks", nargs="*", help="only these notebook names (default: all)")
     parser.add_argument("--students", nargs="*", choices=("reference", "starter"), default=["reference", "starter"],
                         help="submissions to autograde (default both; a GPU runner with a per-call limit may split them)")
+    parser.add_argument("--jobs", default="auto",
+                        help="runs at once, one per (student, notebook) (scripts/roundtrip_parallel.py); "
+                             "auto: 1 without CUDA, several with it")
     args = parser.parse_args()
+    from roundtrip_parallel import auto_jobs, run_parallel
+
+    if args.jobs != "auto" and not (args.jobs.isdigit() and int(args.jobs) >= 1):
+        parser.error(f"--jobs must be 'auto' or a positive integer, got {args.jobs!r}")
+    jobs = auto_jobs() if args.jobs == "auto" else int(args.jobs)
+    if jobs > 1:
+        return run_parallel(args.students, args.notebooks or graded_notebooks(), jobs)
     course = Path(tempfile.mkdtemp(prefix="day51-course-"))
     try:
         (course / "nbgrader_config.py").write_text(CONFIG.format(root=str(course)))

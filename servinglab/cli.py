@@ -48,9 +48,10 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     if args.device == "cuda" or args.random_weights:  # the GPU comparison: servinglab.bench.gpu_throughput
         from servinglab.bench.gpu_throughput import run_gpu_throughput
 
-        systems = tuple(s for s in args.systems if s != "lab") + (("lab", "lab-eager") if "lab" in args.systems else ())
+        lab = ("lab", "lab-async", "lab-eager")  # CUDA graphs; + overlap scheduling; eager
+        systems = tuple(s for s in args.systems if s != "lab") + (lab if "lab" in args.systems else ())
         run_gpu_throughput(args.random_weights or "smollm2-135m", args.num_requests, (args.min_len, args.max_len),
-                           (args.min_out, args.max_out), tuple(sorted(systems, key=["lab", "lab-eager", "hf", "vllm"].index)),
+                           (args.min_out, args.max_out), tuple(sorted(systems, key=[*lab, "hf", "vllm"].index)),
                            args.hf_batch or 32, "bfloat16" if args.dtype == "auto" else args.dtype, args.seed, args.out)
         return 0
     from servinglab.bench.throughput import run_throughput

@@ -70,10 +70,12 @@ def _lab_tpot(llm: LLM, prompt_len: int = 128, output_len: int = 128) -> float:
     return 1000 * (times[-1] - times[0]) / (len(times) - 1)
 
 
-def bench_lab_gpu(model, config, workload: list[Request], enforce_eager: bool, dtype: str) -> tuple[ThroughputResult, dict]:
-    name = "lab engine, eager" if enforce_eager else "lab engine, CUDA graphs"
+def bench_lab_gpu(model, config, workload: list[Request], enforce_eager: bool, dtype: str, async_scheduling: bool = False
+                  ) -> tuple[ThroughputResult, dict]:
+    name = "lab engine, eager" if enforce_eager else "lab engine, CUDA graphs" + (", async scheduling" if async_scheduling else "")
     start = time.perf_counter()
-    llm = LLM(model_obj=model, hf_config=config, dtype=dtype, device="cuda", enforce_eager=enforce_eager, **ENGINE_ARGS)
+    llm = LLM(model_obj=model, hf_config=config, dtype=dtype, device="cuda", enforce_eager=enforce_eager,
+              async_scheduling=async_scheduling, **ENGINE_ARGS)
     startup = time.perf_counter() - start
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
     prompts = [r.prompt_token_ids for r in workload]
@@ -150,7 +152,7 @@ def gpu_table(results: list[ThroughputResult], extras: list[dict]) -> str:
 
 def run_gpu_throughput(
     random_weights: str, num_requests: int = 128, prompt_len: tuple[int, int] = (64, 512), output_len: tuple[int, int] = (64, 256),
-    systems: tuple[str, ...] = ("lab", "lab-eager", "hf", "vllm"), hf_batch: int = 32, dtype: str = "bfloat16",
+    systems: tuple[str, ...] = ("lab", "lab-async", "lab-eager", "hf", "vllm"), hf_batch: int = 32, dtype: str = "bfloat16",
     seed: int = 0, out_dir: Path = Path("bench_results"),
 ) -> list[ThroughputResult]:
     """Run the GPU comparison on random weights of ``random_weights``; print and save the table."""
@@ -163,14 +165,14 @@ def run_gpu_throughput(
         if system == "vllm" and importlib.util.find_spec("vllm") is None:
             print("vllm: not installed here, skipped")
             continue
-        if system in ("lab", "lab-eager"):
-            res, extra = bench_lab_gpu(model, config, workload, system == "lab-eager", dtype)
+        if system in ("lab", "lab-async", "lab-eager"):
+            res, extra = bench_lab_gpu(model, config, workload, system == "lab-eager", dtype, system == "lab-async")
         elif system == "hf":
             res, extra = bench_hf_gpu(model, config, workload, hf_batch)
         elif system == "vllm":
             raise SystemExit("vllm with --random-weights needs a model folder; run it with --model")
         else:
-            raise ValueError(f"systems must be among lab, lab-eager, hf, vllm; got {system!r}")
+            raise ValueError(f"systems must be among lab, lab-async, lab-eager, hf, vllm; got {system!r}")
         print(f"{res.system}: {res.tokens_per_s:.0f} output tok/s {json.dumps(extra)}", flush=True)
         results.append(res)
         extras.append(extra)
@@ -179,8 +181,9 @@ def run_gpu_throughput(
     print(gpu_table(results, extras))
     print(throughput_table(results))
     labs = [r for r in results if r.token_ids is not None]
-    if len(labs) == 2:
-        print(f"greedy tokens identical, CUDA graphs vs eager: {agreement(labs[0].token_ids, labs[1].token_ids, 10**9):.1%} of requests")
+    for other in labs[1:]:
+        print(f"greedy tokens identical, {labs[0].system} vs {other.system}: "
+              f"{agreement(labs[0].token_ids, other.token_ids, 10**9):.1%} of requests")
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"model": random_weights, "dtype": dtype, "results": [
         {"system": r.system, "tokens_per_s": r.tokens_per_s, "elapsed_s": r.elapsed_s, "output_tokens": r.output_tokens, **e}

@@ -61,6 +61,13 @@ class EngineConfig:
         swap_space: GiB of host memory for swapped-out KV blocks (vLLM's name, default 4),
             pinned on CUDA; allocated only with ``preemption_mode="swap"``. When it is
             full, a preempted sequence is recomputed instead (counted).
+        async_scheduling: overlap scheduling (vLLM's name; SGLang's overlap loop): the host
+            schedules and prepares step ``n + 1`` while the device runs step ``n``, whose sampled
+            tokens reach step ``n + 1``'s inputs on the device. Same outputs as the synchronous
+            loop for greedy and seeded sampling; a sequence that finished at step ``n`` is dropped
+            one step late (its extra token discarded). Default ``False`` (not yet measured on a
+            GPU); not with ``speculative_config``, ``tensor_parallel_size > 1`` or
+            ``pipeline_parallel_size > 1``. See :mod:`servinglab.engine.async_scheduling`.
         quantization_group_size: INT4 group size, 32, 64 (default: divides SmolLM2's 576
             and 1536) or 128; it must divide every projection's input width.
     """
@@ -86,6 +93,7 @@ class EngineConfig:
     quantization_group_size: int = DEFAULT_GROUP_SIZE
     preemption_mode: str = "recompute"
     swap_space: float = 4.0
+    async_scheduling: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -116,6 +124,12 @@ class EngineConfig:
                          ("preemption_mode='swap'", self.preemption_mode == "swap")):
             if pp > 1 and on:
                 raise ValueError(f"{name} is not supported with pipeline_parallel_size > 1")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True or False, got {self.async_scheduling!r}")
+        for name, on in (("speculative_config", self.speculative_config is not None), ("tensor_parallel_size > 1", tp > 1),
+                         ("pipeline_parallel_size > 1", pp > 1)):
+            if self.async_scheduling and on:
+                raise ValueError(f"async_scheduling=True is not supported with {name}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         swap = self.swap_space

@@ -30,6 +30,7 @@ import torch
 
 from servinglab.engine.config import EngineConfig
 from servinglab.engine.runner import ModelRunner
+from servinglab.engine.step_protocol import TokenPatch
 from servinglab.interfaces import SchedulerOutput
 from servinglab.model.attention_backend import MAX_DECODE_QUERY_LEN
 from servinglab.model.cuda_graphs import CUDAGraphRunner
@@ -46,36 +47,44 @@ class PinnedUploader:
     Each array keeps its dtype (int64 slots and ids, int32 tables and lengths, as
     :class:`~servinglab.interfaces.AttentionMetadata` documents): its bytes sit at an
     8-byte-aligned offset and the device side reads them back through ``view(dtype)``.
-    The pinned buffer is reused: before refilling it, :meth:`upload` waits on the event
-    recorded after the previous copy, so a copy still in flight never sees new data.
+    Pinned buffers are reused round-robin (``SLOTS`` of them): before refilling one,
+    :meth:`upload` waits on the event recorded after that buffer's last copy, so a copy
+    still in flight never sees new data. With overlap scheduling a step uploads while the
+    previous step still runs, and its copies queue behind it: waiting on the copy just
+    made would wait for that step; waiting on one ``SLOTS`` uploads back does not.
     """
+
+    SLOTS = 3
 
     def __init__(self, device: torch.device, capacity: int = 1 << 20) -> None:
         self.device = device
-        self._grow(capacity)
-        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.slots = [self._buffers(capacity) for _ in range(self.SLOTS)]
+        self.events = [torch.cuda.Event() if device.type == "cuda" else None for _ in range(self.SLOTS)]
+        self.turn = 0
 
-    def _grow(self, capacity: int) -> None:
-        self.host = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        self.host_np = self.host.numpy()
-        self.dev = torch.empty(capacity, dtype=torch.uint8, device=self.device)
+    def _buffers(self, capacity: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        host = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        return host, host.numpy(), torch.empty(capacity, dtype=torch.uint8, device=self.device)
 
     def upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         total = sum(-(-a.nbytes // 8) * 8 for a in arrays.values())
-        if self.copied is not None:
-            self.copied.synchronize()
-        if total > self.host.numel():
-            self._grow(max(total, 2 * self.host.numel()))
+        slot, self.turn = self.turn, (self.turn + 1) % self.SLOTS
+        event = self.events[slot]
+        if event is not None:
+            event.synchronize()
+        host, host_np, dev_buf = self.slots[slot]
+        if total > host.numel():
+            self.slots[slot] = host, host_np, dev_buf = self._buffers(max(total, 2 * host.numel()))
         offset, spans = 0, {}
         for name, array in arrays.items():
             array = np.ascontiguousarray(array)
-            self.host_np[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
+            host_np[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
             spans[name] = (offset, array.nbytes, array.dtype, array.shape)
             offset += -(-array.nbytes // 8) * 8
-        dev = self.dev[:offset]
-        dev.copy_(self.host[:offset], non_blocking=True)
-        if self.copied is not None:
-            self.copied.record()
+        dev = dev_buf[:offset]
+        dev.copy_(host[:offset], non_blocking=True)
+        if event is not None:
+            event.record()
         return {
             name: dev[o : o + n].view(torch.from_numpy(np.empty(0, dtype)).dtype).view(shape)
             for name, (o, n, dtype, shape) in spans.items()
@@ -175,14 +184,16 @@ class CudaModelRunner(ModelRunner):
             longest = max(longest, p + 1)
         return n, size, longest
 
-    def execute(self, out: SchedulerOutput, block_tables: dict[int, list[int]]) -> tuple[list[Sequence], torch.Tensor]:
+    def execute(self, out: SchedulerOutput, block_tables: dict[int, list[int]], patch: TokenPatch | None = None
+                ) -> tuple[list[Sequence], torch.Tensor]:
         """As :meth:`ModelRunner.execute`; a decode-only step that fits a graph replays it."""
         step = self._fill_decode(out, block_tables)
         if step is None:
-            return super().execute(out, block_tables)
+            return super().execute(out, block_tables, patch)
         self.move_blocks(out)
+        where = self.patch_positions(out, patch, rows_per_lane=1)
         with torch.inference_mode():
-            hidden = self.graphs.replay(*step)
+            hidden = self.graphs.replay(*step, patch=None if where is None else (where["rows"], patch.tokens[where["src"]]))
             logits = self.model.compute_logits(hidden)
         self.num_graph_steps += self.graphs.captured
         return [item.seq for item in out.scheduled], logits

@@ -101,6 +101,11 @@ class LLMEngine:
             from servinglab.engine.spec_decode import SpeculativeDecoder
 
             self.spec_decoder = SpeculativeDecoder(config.speculative_config, self)
+        self.async_loop = None
+        if config.async_scheduling:
+            from servinglab.engine.async_scheduling import AsyncScheduling
+
+            self.async_loop = AsyncScheduling()
         self.requests: dict[str, RequestState] = {}
         self._seq_to_request: dict[int, RequestState] = {}
         self._ids = itertools.count()
@@ -192,6 +197,8 @@ class LLMEngine:
         """Run one iteration; return outputs of requests that progressed (finished ones last time)."""
         if self.spec_decoder is not None:  # draft, verify in one pass, roll back: spec_decode.py
             return self.spec_decoder.step(self)
+        if self.async_loop is not None:  # the host one step ahead of the device: async_scheduling.py
+            return self.async_loop.step(self)
         return self.plain_step()
 
     def plain_step(self) -> list[RequestOutput]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from servinglab.engine.step_protocol import TokenPatch
 from servinglab.interfaces import AttentionMetadata, SchedulerOutput
 from servinglab.model.llama import KVCache, LlamaForCausalLM
 from servinglab.sequence import Sequence
@@ -241,8 +242,18 @@ class ModelRunner:
                 k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
                 v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
 
-    def execute(self, out: SchedulerOutput, block_tables: dict[int, list[int]]) -> tuple[list[Sequence], torch.Tensor]:
+    def patch_positions(self, out: SchedulerOutput, patch: TokenPatch | None, rows_per_lane: int | None = None
+                        ) -> dict[str, torch.Tensor] | None:
+        """:meth:`TokenPatch.positions` as device tensors ``{"rows", "src"}`` (through :meth:`upload`:
+        pinned and non-blocking on CUDA, so the host never waits for the step in flight), or ``None``."""
+        found = None if patch is None else patch.positions(out, rows_per_lane)
+        return None if found is None else self.upload({"rows": found[0], "src": found[1]})
+
+    def execute(self, out: SchedulerOutput, block_tables: dict[int, list[int]], patch: TokenPatch | None = None
+                ) -> tuple[list[Sequence], torch.Tensor]:
         """Run one step: block copies, then the model.
+
+        ``patch``: input tokens still on the device (overlap scheduling, :class:`TokenPatch`).
 
         Returns:
             ``(sample_seqs, logits)`` with float32 ``logits[i]`` (``[vocab]``) for the next
@@ -250,6 +261,9 @@ class ModelRunner:
         """
         self.move_blocks(out)
         batch = self.prepare_inputs(out, block_tables)
+        where = self.patch_positions(out, patch)
+        if where is not None:
+            batch.input_ids[where["rows"]] = patch.tokens[where["src"]].to(batch.input_ids.dtype)
         with torch.inference_mode():
             hidden = self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_caches)
             logits = self.model.compute_logits(hidden[batch.logits_indices])

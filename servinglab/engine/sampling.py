@@ -111,17 +111,27 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.softmax(apply_filters(logits.float(), params.temperature, params.top_k, params.top_p), dim=-1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of ``logits`` ([S, vocab], float32)."""
+def sample_tensor(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``logits`` ([S, vocab], float32) as an int64 tensor on ``logits``' device.
+
+    Nothing here waits for the device (no ``.item()``, no ``.tolist()``): overlap scheduling
+    (:mod:`servinglab.engine.async_scheduling`) samples step ``n`` while the host prepares
+    step ``n + 1``. :func:`sample` is this, then one copy to the host: the same draws.
+    """
     if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise ValueError(f"need one SamplingParams and generator per logits row ({logits.shape[0]}), got {len(params)} and {len(generators)}")
-    tokens = logits.argmax(dim=-1).tolist()  # greedy rows are done; sampled rows overwrite
+    tokens = logits.argmax(dim=-1)  # greedy rows are done; sampled rows overwrite
     for i, p in enumerate(params):
         if p.greedy:
             continue
         probs = probabilities(logits[i], p)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     return tokens
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of ``logits`` ([S, vocab], float32)."""
+    return sample_tensor(logits, params, generators).tolist()
 
 
 def sample_each(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int | Exception]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from servinglab.engine.config import EngineConfig
@@ -34,6 +35,35 @@ class StepRecord:
     preempted: list[int]
     kv_usage: float
     num_waiting: int
+
+
+@dataclass
+class TokenPatch:
+    """Input tokens that are still on the device: the previous step's samples (overlap scheduling).
+
+    ``index[seq_id] = j``: the sequence's last token is ``tokens[j]`` (its host copy holds a
+    placeholder until the previous step's tokens arrive). The runner writes those values
+    into the step's input ids on the device, after the upload and before the model runs.
+    """
+
+    index: dict[int, int]
+    tokens: torch.Tensor  # [previous step's sampled rows] int64, on the runner's device
+
+    def positions(self, out: SchedulerOutput, rows_per_lane: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(rows, src)``: input row ``rows[i]`` of the step ``out`` takes ``tokens[src[i]]``; ``None`` if none.
+
+        A patched sequence's placeholder is its last token; it is an input only when the step
+        reaches it (a decode). ``rows_per_lane``: graph inputs, lane ``i`` at row ``i * rows_per_lane``;
+        ``None``: packed rows, each item's tokens after the previous item's.
+        """
+        rows, src, offset = [], [], 0
+        for lane, item in enumerate(out.scheduled):
+            offset += item.num_new_tokens
+            seq, j = item.seq, self.index.get(item.seq.seq_id)
+            if j is not None and seq.num_computed_tokens + item.num_new_tokens == seq.num_tokens:
+                rows.append(offset - 1 if rows_per_lane is None else lane * rows_per_lane)
+                src.append(j)
+        return (np.asarray(rows, dtype=np.int64), np.asarray(src, dtype=np.int64)) if rows else None
 
 
 @dataclass

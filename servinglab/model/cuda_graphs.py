@@ -154,20 +154,25 @@ class CUDAGraphRunner:
         return (h[ids : ids + t], h[pos : pos + t], h[slots : slots + t], h[ctx : ctx + size],
                 h[tables : tables + size * self.max_blocks].reshape(size, self.max_blocks))
 
-    def replay(self, n: int, size: int, longest: int) -> torch.Tensor:
+    def replay(self, n: int, size: int, longest: int, patch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Send the inputs filled through :meth:`host_inputs` (``n`` real lanes of ``size``) and run the step.
 
         Lanes ``n..size`` become padding (slot ``-1``, context 0). ``longest`` (the
-        largest context length) picks the context bucket. Returns hidden ``[n * query_len, hidden]``.
+        largest context length) picks the context bucket. ``patch = (rows, tokens)``: input
+        ids already on the device (the previous step's samples, overlap scheduling), written
+        over the uploaded ones before the replay. Returns hidden ``[n * query_len, hidden]``.
         """
         h, q = self.host_np, self.query_len
-        _, _, slots, ctx, _ = self._sections
+        ids, _, slots, ctx, _ = self._sections
+        h[ids + n * q : ids + size * q] = 0  # a valid token id (a lane may hold an overlap placeholder from before)
         h[slots + n * q : slots + size * q] = -1
         h[ctx + n : ctx + size] = 0
         dev, host = self._copy_spans[size]
         dev.copy_(host, non_blocking=True)
         if self.copy_done is not None:
             self.copy_done.record()
+        if patch is not None:  # the ids section starts at 0; stream order puts this after the copy
+            self.static[patch[0]] = patch[1].to(self.static.dtype)
         bucket = next((b for b in self.buckets if b >= longest), self.max_model_len)
         graph = self.graphs.get((size, bucket))
         if graph is None:  # not captured (enforce_eager): the same padded step, launched eagerly

@@ -1,0 +1,143 @@
+"""Overlap scheduling (``async_scheduling=True``, servinglab.engine.async_scheduling) against the synchronous loop.
+
+The host runs one step ahead of the device; outputs must not change: greedy and seeded
+sampling, several completions per request, stop tokens, ``max_tokens``, preemption by
+recompute and by swap, chunked prefill, the prefix cache, and requests aborted mid-way.
+On a CPU the steps do not overlap in time, but every placeholder, device-side token patch
+and one-step-late finish runs exactly as on a GPU.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from servinglab import LLM, SamplingParams
+from servinglab.engine.async_scheduling import PLACEHOLDER
+from servinglab.model.weights import random_model, tiny_llama_config
+
+CFG = tiny_llama_config()
+
+
+def make(async_scheduling: bool, **kwargs) -> LLM:
+    base = dict(hf_config=CFG, dtype="float32", device="cpu", block_size=4, num_kv_blocks=64, max_num_seqs=8)
+    return LLM(model_obj=random_model(CFG, dtype=torch.float32, seed=0), async_scheduling=async_scheduling, **{**base, **kwargs})
+
+
+def run(async_scheduling: bool, prompts, params, **kwargs) -> list[list[list[int]]]:
+    llm = make(async_scheduling, **kwargs)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    if async_scheduling:  # the overlapped path ran (a placeholder reaching the model would fail the embedding)
+        assert llm.engine.async_loop.num_overlapped > 0
+    else:
+        assert llm.engine.async_loop is None
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def workload(seed: int, n: int = 10) -> tuple[list[list[int]], list[SamplingParams]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randrange(1, 30))] for _ in range(n)]
+    params = []
+    for i in range(n):
+        kind = rng.randrange(4)
+        common = dict(max_tokens=rng.randrange(1, 24), ignore_eos=rng.random() < 0.5)
+        if kind == 0:
+            params.append(SamplingParams(temperature=0.0, **common))
+        elif kind == 1:
+            params.append(SamplingParams(temperature=0.9, top_p=0.9, seed=seed * 100 + i, **common))
+        elif kind == 2:
+            params.append(SamplingParams(temperature=0.7, top_k=20, seed=i, n=2, **common))
+        else:
+            params.append(SamplingParams(temperature=0.0, stop_token_ids=[rng.randrange(3, 256) for _ in range(30)], **common))
+    return prompts, params
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_same_outputs_as_the_synchronous_loop(seed: int) -> None:
+    prompts, params = workload(seed)
+    assert run(True, prompts, params) == run(False, prompts, params)
+
+
+@pytest.mark.parametrize("extra", [
+    dict(num_kv_blocks=14, max_num_seqs=6),                                   # preemption by recompute
+    dict(num_kv_blocks=14, max_num_seqs=6, preemption_mode="swap", swap_space=0.01),  # by swap
+    dict(max_num_batched_tokens=8),                                           # chunked prefill
+], ids=["recompute", "swap", "chunked"])
+def test_same_outputs_under_preemption_and_chunking(extra: dict) -> None:
+    prompts, params = workload(7, n=8)
+    assert run(True, prompts, params, **extra) == run(False, prompts, params, **extra)
+
+
+def test_prefix_cache_hits_and_outputs_unchanged() -> None:
+    shared = list(range(10, 42))
+    prompts = [shared + [100 + i] for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    results = {}
+    for mode in (False, True):
+        llm = make(mode)
+        first = llm.generate(prompts[:1], params, use_tqdm=False)
+        rest = llm.generate(prompts[1:], params, use_tqdm=False)
+        # A next turn: the first prompt, its answer and a new question. The answer's blocks were
+        # published after their placeholders were replaced, so they are found too.
+        turn = prompts[0] + list(first[0].outputs[0].token_ids) + [7, 8, 9]
+        again = llm.generate([turn], params, use_tqdm=False)
+        results[mode] = ([o.outputs[0].token_ids for o in first + rest + again],
+                         [o.metrics.num_cached_tokens for o in rest + again])
+    assert results[True] == results[False]
+    assert all(c >= 32 for c in results[True][1][:-1]), "the shared prefix is found in the cache"
+    assert results[True][1][-1] >= 40, "and the previous turn's answer"
+
+
+def test_abort_mid_way_and_no_placeholder_leaks() -> None:
+    engines = {mode: make(mode).engine for mode in (False, True)}
+    got = {}
+    for mode, eng in engines.items():
+        ids = [eng.add_request([5 + i, 9, 11], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)) for i in range(4)]
+        finished: dict[str, list[int]] = {}
+        steps = 0
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                assert PLACEHOLDER not in out.outputs[0].token_ids
+                if out.finished:
+                    finished[out.request_id] = out.outputs[0].token_ids
+            steps += 1
+            if steps == 6:
+                eng.abort_request(ids[1])
+        got[mode] = ([finished[i] for i in ids if i != ids[1]], eng.block_manager.get_stats().usage)
+        assert ids[1] not in finished and not eng.scheduler.running and not eng.scheduler.waiting
+    assert got[True] == got[False]  # the same tokens, and every block given back alike
+
+
+def test_config_rejects_what_it_cannot_overlap() -> None:
+    with pytest.raises(ValueError, match="async_scheduling must be True or False"):
+        make("yes")
+    with pytest.raises(ValueError, match="speculative_config"):
+        make(True, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def test_the_cuda_runner_path_interpreted_on_a_cpu(monkeypatch) -> None:
+    """The CUDA runner's decode path (static graph buffers, pinned uploads, the token patch written
+    into the graph inputs) run eagerly with Triton's interpreter: what a GPU replays, minus the graph."""
+    from servinglab.engine.cuda_runner import CudaModelRunner
+
+    prompts, params = workload(3, n=4)
+    params = [SamplingParams(**{**vars(p), "max_tokens": min(p.max_tokens, 8)}) for p in params]
+    outs, patched = {}, []
+    for mode in (False, True):
+        llm = make(mode, block_size=16, num_kv_blocks=32)
+        eng = llm.engine
+        runner = CudaModelRunner(eng.model, eng.runner.kv_caches, 16, "cpu", 8, eng.max_model_len, enforce_eager=True)
+        runner.slot_of = eng.block_manager.get_slot
+        replay = runner.graphs.replay
+
+        def counting(*args, patch=None, _replay=replay):
+            patched.append(patch is not None and mode)
+            return _replay(*args, patch=patch)
+
+        monkeypatch.setattr(runner.graphs, "replay", counting)
+        eng.runner = runner
+        outs[mode] = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outs[True] == outs[False]
+    assert any(patched), "decode steps took the graph inputs' path with the previous step's tokens patched in"
