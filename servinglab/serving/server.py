@@ -184,6 +184,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="overlap scheduling: prepare the next step while the GPU runs this one (vLLM's flag)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -203,7 +205,8 @@ def serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model = str(args.model or require_model())
     config = EngineConfig(model=model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks, block_size=args.block_size)
+                          max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
+                          async_scheduling=args.async_scheduling)
     name = args.served_model_name or (str(args.model) if args.model else Path(model).name)
     state = ServerState(SimpleContinuousBatching(LLMEngine(config)), name,
                         api_key=args.api_key or None, max_pending=args.max_pending, max_body_bytes=args.max_body_bytes)

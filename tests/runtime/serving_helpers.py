@@ -32,10 +32,11 @@ NAME = "tiny"
 ENV = {"SERVINGLAB_IMPL": "solutions", "OMP_NUM_THREADS": "1"}
 
 
-def tiny_state(max_num_seqs: int = 16) -> ServerState:
+def tiny_state(max_num_seqs: int = 16, async_scheduling: bool = False) -> ServerState:
     """A server state over a fresh tiny engine (float32, 256 KV blocks of 16)."""
     config = tiny_serving_config()
-    engine = LLMEngine(EngineConfig(dtype="float32", max_model_len=512, num_kv_blocks=256, block_size=16, max_num_seqs=max_num_seqs),
+    engine = LLMEngine(EngineConfig(dtype="float32", max_model_len=512, num_kv_blocks=256, block_size=16, max_num_seqs=max_num_seqs,
+                                    async_scheduling=async_scheduling),
                        model=random_model(config, dtype=torch.float32, seed=0), hf_config=config, tokenizer=byte_tokenizer())
     return ServerState(SimpleContinuousBatching(engine), NAME)
 

@@ -141,3 +141,30 @@ def test_the_cuda_runner_path_interpreted_on_a_cpu(monkeypatch) -> None:
         outs[mode] = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outs[True] == outs[False]
     assert any(patched), "decode steps took the graph inputs' path with the previous step's tokens patched in"
+
+
+def test_a_server_with_async_scheduling_answers_as_the_synchronous_one() -> None:
+    """Concurrent completions (greedy and seeded, n = 2) through the HTTP server, batched together."""
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serving_helpers import InProcessServer, completion, tiny_state, wait_idle
+
+    bodies = [completion(f"Hello {i}", 6 + i, stream=False, temperature=0.0 if i % 2 else 0.8, seed=i, n=1 + i % 2)
+              for i in range(4)]
+    answers = {}
+    for mode in (False, True):
+        with InProcessServer(tiny_state(async_scheduling=mode)) as srv:
+            async def all_at_once() -> list[httpx.Response]:
+                async with httpx.AsyncClient(timeout=60) as client:
+                    return await asyncio.gather(*(client.post(f"{srv.base_url}/v1/completions", json=b) for b in bodies))
+
+            got = asyncio.run(all_at_once())
+            assert all(r.status_code == 200 for r in got), [r.text for r in got]
+            answers[mode] = [[c["text"] for c in r.json()["choices"]] for r in got]
+            wait_idle(srv.base_url)
+    assert answers[True] == answers[False]
