@@ -156,6 +156,9 @@ def test_a_server_with_async_scheduling_answers_as_the_synchronous_one() -> None
 
     bodies = [completion(f"Hello {i}", 6 + i, stream=False, temperature=0.0 if i % 2 else 0.8, seed=i, n=1 + i % 2)
               for i in range(4)]
+    # The tiny model's greedy text is "000...": "00" ends it after one token; sampled ones end at some "0".
+    bodies += [completion("Stop", 24, stream=False, temperature=0.0, stop=["00"])]
+    bodies += [completion(f"Stop {i}", 24, stream=False, temperature=1.0, seed=i, stop=["0"]) for i in range(3)]
     answers = {}
     for mode in (False, True):
         with InProcessServer(tiny_state(async_scheduling=mode)) as srv:
@@ -165,6 +168,7 @@ def test_a_server_with_async_scheduling_answers_as_the_synchronous_one() -> None
 
             got = asyncio.run(all_at_once())
             assert all(r.status_code == 200 for r in got), [r.text for r in got]
-            answers[mode] = [[c["text"] for c in r.json()["choices"]] for r in got]
+            answers[mode] = [[(c["text"], c["finish_reason"]) for c in r.json()["choices"]] for r in got]
             wait_idle(srv.base_url)
     assert answers[True] == answers[False]
+    assert any(reason == "stop" for choices in answers[True][4:] for _, reason in choices), "a stop string ended some"

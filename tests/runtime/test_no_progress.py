@@ -68,10 +68,10 @@ class NeverPreemptingScheduler:
         return bool(self.waiting or self.running)
 
 
-def broken_llm(num_kv_blocks: int = 6) -> LLM:
+def broken_llm(num_kv_blocks: int = 6, overlap: bool = False) -> LLM:
     config = tiny_llama_config()
     llm = LLM(model_obj=random_model(config, dtype=torch.float32, seed=0), hf_config=config, dtype="float32",
-              block_size=4, num_kv_blocks=num_kv_blocks)
+              block_size=4, num_kv_blocks=num_kv_blocks, async_scheduling=overlap)
     llm.engine.scheduler = NeverPreemptingScheduler(llm.engine.block_manager)
     return llm
 
@@ -81,17 +81,19 @@ PROMPTS = [list(range(10, 18)), list(range(30, 38))]
 LONG = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
-def test_generate_raises_instead_of_spinning():
-    llm = broken_llm()
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async_scheduling"])
+def test_generate_raises_instead_of_spinning(overlap):
+    llm = broken_llm(overlap=overlap)
     with pytest.raises(NoProgressError) as err:
         llm.generate(PROMPTS, LONG, use_tqdm=False)
     text = str(err.value)
     assert "2 running" in text and "0 free of 6 blocks" in text and "does Part 4 preempt" in text, text
 
 
-def test_the_async_front_fails_the_stream_and_serves_the_next_request():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async_scheduling"])
+def test_the_async_front_fails_the_stream_and_serves_the_next_request(overlap):
     async def scenario() -> tuple[list[str], list[int]]:
-        front = SimpleContinuousBatching(broken_llm().engine)
+        front = SimpleContinuousBatching(broken_llm(overlap=overlap).engine)
         errors: list[str] = []
 
         async def consume(prompt: list[int], params: SamplingParams) -> list[int]:
