@@ -719,6 +719,70 @@ print(f"'recompute is faster' is {verdict} on this machine: recompute {rec['toke
       f"({rec['tokens_recomputed']} tokens recomputed), swap {swp['tokens_per_s']:.1f} tok/s ({swp['blocks_moved']} blocks moved)")
 """)
 nb.md("""
+## Overlap scheduling: planning step n+1 while step n runs
+
+Each step so far is *schedule -> prepare inputs -> run the model -> wait for the sampled
+tokens -> commit them*. On a GPU the model's part is a CUDA-graph replay of about a
+millisecond, and everything else is Python on the host, during which the GPU idles:
+
+```
+synchronous   host: [sched n][prep n]            [commit n][sched n+1][prep n+1]            [commit n+1]
+              GPU :                  [  step n  ]                               [ step n+1 ]
+overlapped    host: [sched n+1][prep n+1][wait][commit n][sched n+2][prep n+2][wait][commit n+1]
+              GPU :      [  step n  ][  step n+1  ][  step n+2  ]
+```
+
+`LLM(..., async_scheduling=True)` (vLLM's name; SGLang calls it the overlap scheduler) plans
+step n+1 *before* step n's tokens reach the host. Three things make that correct:
+
+1. **Placeholders.** When step n is launched, each sampling sequence gets a placeholder
+   token, so your scheduler and block manager see the right lengths and allocate the
+   right slots for step n+1, without knowing the token.
+2. **The token never visits the host on the way.** Step n's sampled ids stay on the
+   device and are written into step n+1's input ids there (`TokenPatch` in
+   `servinglab/engine/step_protocol.py`), after the upload and before the model runs.
+3. **Finishing one step late.** Whether a sequence stops (EOS, a stop string,
+   `max_tokens`) depends on the token's value, known only after step n+1 was launched
+   with that sequence in it. So the sequence runs one extra lane, whose token is thrown
+   away, and its blocks are freed then. That is safe because the device runs steps in
+   order: a later owner of those blocks writes after the stray write.
+
+**Predict first:** with overlap on, are the greedy tokens the same? Does the engine take
+more steps or fewer for the same requests, and by how many? Then run the cell (a tiny
+random model, so it also runs on a CPU, where nothing overlaps in time but every
+placeholder and patch is exercised).
+""")
+nb.code("""
+# requires: part2, part4
+import torch
+from servinglab import LLM, SamplingParams
+from servinglab.model.weights import random_model, tiny_llama_config
+
+tiny_cfg = tiny_llama_config()
+overlap_prompts = [[5 + i, 17, 99, 3 + i] * (1 + i) for i in range(6)]
+overlap_params = [SamplingParams(temperature=0.0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(6)]
+overlap = {}
+for on in (False, True):
+    eng_llm = LLM(model_obj=random_model(tiny_cfg, dtype=torch.float32, seed=0), hf_config=tiny_cfg, dtype="float32",
+                  device="cpu", block_size=4, num_kv_blocks=64, async_scheduling=on)
+    outs = eng_llm.generate(overlap_prompts, overlap_params, use_tqdm=False)
+    overlap[on] = ([o.outputs[0].token_ids for o in outs], eng_llm.engine.num_steps, eng_llm.engine.async_loop)
+assert overlap[True][0] == overlap[False][0], "overlap scheduling must not change greedy tokens"
+loop = overlap[True][2]
+print(f"same greedy tokens: {overlap[True][0] == overlap[False][0]}")
+print(f"synchronous: {overlap[False][1]} steps; overlapped: {loop.num_launched} launched, {overlap[True][1]} committed "
+      f"(the last one launched is still in flight), {loop.num_overlapped} of them launched before the previous step's "
+      f"tokens reached the host")
+print(f"lanes that computed a token for a sequence already finished (one step late, thrown away): {loop.num_discarded}; "
+      f"of {len(overlap_prompts)} sequences (the one that finished last has its extra lane in the step still in flight)")
+""")
+nb.md("""
+On a GPU `servinglab bench throughput --device cuda` runs the CUDA-graph engine with and
+without overlap in one run (rows `lab engine, CUDA graphs` and `..., async scheduling`) and
+prints the GPU-busy share of a decode step for each. That comparison has not been run on a
+GPU yet; until it has, overlap stays off by default.
+""")
+nb.md("""
 ## Recap
 
 - The scheduler plans with one number per sequence, `num_computed_tokens`, and one token

@@ -66,6 +66,8 @@ class AsyncScheduling:
     def __init__(self) -> None:
         self.in_flight: InFlight | None = None
         self.num_overlapped = 0  # steps launched before the previous step's tokens reached the host
+        self.num_launched = 0
+        self.num_discarded = 0  # lanes whose sequence had finished when its token arrived (one step late)
 
     def step(self, engine) -> list[RequestOutput]:
         """Schedule and launch the next step, then commit the previous one; return its outputs."""
@@ -89,6 +91,7 @@ class AsyncScheduling:
             patch = TokenPatch({seq.seq_id: row for row, seq in enumerate(prev.seqs) if seq.seq_id in prev.live}, prev.tokens)
             self.num_overlapped += 1
         seqs, logits = engine.runner.execute(out, engine.block_manager.block_tables, patch)
+        self.num_launched += 1
         for item in out.scheduled:  # computed now; published to the prefix cache once their tokens are real
             item.seq.num_computed_tokens += item.num_new_tokens
         params, gens = [s.sampling_params for s in seqs], [engine.generator_of(s) for s in seqs]
@@ -120,7 +123,8 @@ class AsyncScheduling:
         for row, (seq, token) in enumerate(zip(step.seqs, tokens)):
             req = engine._seq_to_request.get(seq.seq_id)
             if seq.seq_id not in step.live or req is None or seq.is_finished:
-                continue  # finished or aborted since it was launched: its extra token is dropped
+                self.num_discarded += 1  # finished or aborted after it was launched: its extra token is dropped
+                continue
             seq.output_token_ids.pop()  # the placeholder (the last token: later ones are appended after this)
             if row in step.errors:
                 engine.abort_request(req.request_id)
