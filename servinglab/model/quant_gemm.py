@@ -55,11 +55,13 @@ def candidates(m: int, n: int, k: int, group_size: int | None) -> list[dict[str,
             tiles = triton.cdiv(n, block_n)
             split = max(1, min(programs // tiles, k // (2 * block_k)))
             out.append(dict(block_m=16, block_n=block_n, block_k=block_k, split_k=split, num_warps=4, num_stages=stages))
-        if m == 1:  # the tensor-core-free GEMV (servinglab.model.triton.quant_gemv)
+        if m == 1:  # the tensor-core-free GEMV (servinglab.model.triton.quant_gemv); INT4 also with one scale per group
             for block_n, block_k in ((32, 256), (16, 512), (64, 128)):
                 if k % block_k == 0:
                     split = max(1, min(528 // triton.cdiv(n, block_n), k // (2 * block_k)))
                     out.append(dict(kernel=1, block_n=block_n, block_k=block_k, split_k=split, num_warps=4, num_stages=3))
+                    if group_size is not None and block_k % group_size == 0:
+                        out.append({**out[-1], "grouped": 1})
         return out
     bk = 64 if 64 in block_ks else block_ks[0]
     if m <= 256:  # few row blocks: split K as well, or N = 2048 gives 16-32 programs for 132 SMs

@@ -59,8 +59,9 @@ def test_fused_forward_of_quantized_model_matches_quantlinear(monkeypatch, metho
     torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("group,split_k", [(None, 1), (None, 3), (32, 2), (64, 1)])
-def test_one_row_gemv_candidate(group, split_k):
+@pytest.mark.parametrize("group,split_k,block_k,grouped", [(None, 1, 64, 0), (None, 3, 64, 0), (32, 2, 64, 0), (64, 1, 64, 0),
+                                                          (32, 1, 128, 1), (64, 2, 128, 1), (32, 1, 64, 1)])
+def test_one_row_gemv_candidate(group, split_k, block_k, grouped):
     """The batch-1 GEMV the engine's tuner may pick gives Part 8a's dequantize + matmul (float32)."""
     from servinglab.model.triton.quant_gemv import quant_gemv
 
@@ -72,7 +73,8 @@ def test_one_row_gemv_candidate(group, split_k):
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6))
     counters = torch.zeros(8, dtype=torch.int32, device=DEVICE)
     for _ in range(2):  # the counters must be left at zero for the next call
-        out = quant_gemv(x.to(DEVICE), codes.to(DEVICE), scales.to(DEVICE), group, counters, block_n=16, block_k=64, split_k=split_k)
+        out = quant_gemv(x.to(DEVICE), codes.to(DEVICE), scales.to(DEVICE), group, counters, block_n=16, block_k=block_k,
+                         split_k=split_k, grouped=grouped)
         torch.testing.assert_close(out.cpu(), x @ w_hat.T, atol=1e-4, rtol=1e-5)
     assert int(counters.abs().sum()) == 0
 
@@ -135,3 +137,13 @@ def test_gpu_never_holds_the_unquantized_projections():
     peak = torch.cuda.max_memory_allocated() - base
     # int4 g64 stores 0.5 + 4/64 bytes a weight (0.28x of bf16), plus one row block's temporaries
     assert peak < 0.4 * dense.total, f"peak {peak} bytes while quantizing onto the GPU; bf16 weights are {dense.total}"
+
+
+def test_grouped_gemv_rejects_a_block_that_splits_groups():
+    from servinglab.model.triton.quant_gemv import quant_gemv
+
+    x, codes = torch.zeros(1, 256), torch.zeros(8, 128, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="grouped needs INT4"):
+        quant_gemv(x, codes, torch.ones(8, 4), 64, torch.zeros(8, dtype=torch.int32), block_k=32, grouped=1)
+    with pytest.raises(ValueError, match="grouped needs INT4"):
+        quant_gemv(x, torch.zeros(8, 256, dtype=torch.int8), torch.ones(8), None, torch.zeros(8, dtype=torch.int32), grouped=1)
