@@ -60,8 +60,9 @@ def nbgrader(course: Path, *args: str, progress: bool = False) -> None:
     with subprocess.Popen(cmd, cwd=course, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             lines.append(line)
-            if "Autograding" in line:
-                print(f"  [{time.monotonic() - start:6.0f} s] {line.split('] ')[-1].strip()[:150]}", flush=True)
+            if "Autograding" in line:  # "... Autograding <course>/autograded/<student>/<assignment>/<notebook>.ipynb"
+                parts = Path(line.strip().split()[-1]).parts
+                print(f"  [{time.monotonic() - start:6.0f} s] autograding {parts[-3]} {Path(parts[-1]).stem}", flush=True)
     if proc.returncode != 0:
         raise SystemExit(f"`nbgrader {' '.join(args)}` failed:\n{''.join(lines)[-8000:]}")
 
