@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent / "nbgrader_roundtrip.py"
@@ -50,7 +50,8 @@ def run_parallel(students: list[str], notebooks: list[str], jobs: int) -> int:
     print(f"round trip over {len(pairs)} runs, {jobs} at a time", flush=True)
     start, failed = time.monotonic(), []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for student, notebook, code, output, seconds in pool.map(lambda p: _one(*p), pairs):
+        for done in as_completed([pool.submit(_one, *pair) for pair in pairs]):  # printed as they end
+            student, notebook, code, output, seconds = done.result()
             verdict = [line for line in output.splitlines() if line.startswith((student, "reference ", "starter "))]
             print(f"[{time.monotonic() - start:6.0f} s] {student} {notebook}: {seconds:.0f} s, "
                   f"{'ok' if code == 0 else 'FAILED'}", flush=True)
