@@ -83,3 +83,24 @@ def profile_gpu_decode(engine, prompts: Seq[list[int]], steps: int = 10) -> dict
         "gpu_busy_share_profiled": busy / (1000 * prof_wall),
         "launches": launches / steps,
     }
+
+
+def copy_bandwidth_gbs(device: torch.device | str = "cuda", nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Device-memory copy bandwidth in GB/s: the best of ``repeats`` copies of ``nbytes`` (bytes read + written).
+
+    The floor of a batch-1 decode step is its weight bytes over this (each weight read once);
+    ``bench throughput --device cuda`` reports the share of it a step reaches.
+    """
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
+    del src, dst
+    return 2 * nbytes / best / 1e9

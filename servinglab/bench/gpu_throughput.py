@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from servinglab.bench.gpu_models import random_gpu_model, transformers_twin
-from servinglab.bench.gpu_profile import profile_gpu_decode
+from servinglab.bench.gpu_profile import copy_bandwidth_gbs, profile_gpu_decode
 from servinglab.bench.throughput import ThroughputResult, agreement, throughput_table
 from servinglab.bench.workloads import Request, random_workload
 from servinglab.engine.llm import LLM
@@ -96,7 +96,8 @@ def bench_lab_gpu(model, config, workload: list[Request], enforce_eager: bool, d
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     ids = [o.outputs[0].token_ids for o in outs]
-    extra = {"startup_s": startup, "cold_run_s": cold, "tpot_ms_batch1": _lab_tpot(llm)}
+    weight_bytes = sum(t.numel() * t.element_size() for t in llm.engine.model.state_dict().values())
+    extra = {"startup_s": startup, "cold_run_s": cold, "tpot_ms_batch1": _lab_tpot(llm), "weight_bytes": weight_bytes}
     for batch in (1, 64):
         extra[f"profile_batch{batch}"] = profile_gpu_decode(llm.engine, [list(range(200, 328))] * batch, steps=10)
     del llm
@@ -138,15 +139,19 @@ def bench_hf_gpu(model, config, workload: list[Request], batch_size: int) -> tup
 
 def gpu_table(results: list[ThroughputResult], extras: list[dict]) -> str:
     """The issue's table: tok/s, batch-1 TPOT, GPU-busy share and launches per decode step."""
-    lines = ["| system | output tok/s | vs transformers | batch-1 TPOT ms | step ms b1 / b64 | GPU busy b1 / b64 | launches/step b1 / b64 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    bandwidth = copy_bandwidth_gbs() * 1e9
+    lines = [f"| system | output tok/s | vs transformers | batch-1 TPOT ms | weights read at b1, share of {bandwidth / 1e12:.2f} TB/s copy "
+             "| step ms b1 / b64 | GPU busy b1 / b64 | launches/step b1 / b64 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     hf = next((r.tokens_per_s for r in results if r.system.startswith("transformers")), None)
     for r, e in zip(results, extras):
         ratio = f"{r.tokens_per_s / hf:.1f}x" if hf else "-"
         p1, p64 = e.get("profile_batch1"), e.get("profile_batch64")
         prof = (f"{p1['wall_ms']:.2f} / {p64['wall_ms']:.2f}", f"{100 * p1['gpu_busy_share']:.0f}% / {100 * p64['gpu_busy_share']:.0f}%",
                 f"{p1['launches']:.0f} / {p64['launches']:.0f}") if p1 else ("-", "-", "-")
-        lines.append(f"| {r.system} | {r.tokens_per_s:.0f} | {ratio} | {e.get('tpot_ms_batch1', float('nan')):.2f} | {' | '.join(prof)} |")
+        tpot = e.get("tpot_ms_batch1", float("nan"))
+        share = f"{e['weight_bytes'] / (tpot / 1000) / bandwidth:.0%}" if "weight_bytes" in e and tpot > 0 else "-"
+        lines.append(f"| {r.system} | {r.tokens_per_s:.0f} | {ratio} | {tpot:.2f} | {share} | {' | '.join(prof)} |")
     return "\n".join(lines)
 
 
