@@ -182,8 +182,8 @@ def projection_table(rows: list[ProjectionRow]) -> str:
         b = base[r.rows]
         ms = "-" if r.ms is None else f"{r.ms:.3f}"
         speed = "-" if r.ms is None or b.ms is None else f"{b.ms / r.ms:.2f}x"
-        lines.append(f"| {r.variant} | {r.rows} | {r.weight_bytes / 1e6:.0f} | {ms} | {speed} | "
-                     f"{b.predicted_ms / r.predicted_ms:.2f}x | {r.note} |")
+        predicted = "-" if r.ms is None else f"{b.predicted_ms / r.predicted_ms:.2f}x"  # an unavailable row has no weights
+        lines.append(f"| {r.variant} | {r.rows} | {r.weight_bytes / 1e6:.0f} | {ms} | {speed} | {predicted} | {r.note} |")
     return "\n".join(lines)
 
 
