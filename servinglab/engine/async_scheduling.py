@@ -37,7 +37,7 @@ import torch
 from servinglab.engine.outputs import RequestOutput
 from servinglab.engine.sampling import sample_each, sample_tensor
 from servinglab.engine.stall import raise_if_stalled
-from servinglab.engine.step_protocol import RequestState, TokenPatch
+from servinglab.engine.step_protocol import TokenPatch
 from servinglab.interfaces import SchedulerOutput
 from servinglab.sequence import Sequence
 
@@ -56,7 +56,7 @@ class InFlight:
     copied: torch.cuda.Event | None
     was_prefill: list[bool]
     start: float
-    errors: dict[int, Exception] = field(default_factory=dict)  # rows whose sampling failed (isolate_failures)
+    failures: dict[int, Exception] = field(default_factory=dict)  # rows whose sampling failed (isolate_failures)
     live: set[int] = field(default_factory=set)  # seq ids that carry this step's placeholder
 
 
@@ -95,15 +95,15 @@ class AsyncScheduling:
         for item in out.scheduled:  # computed now; published to the prefix cache once their tokens are real
             item.seq.num_computed_tokens += item.num_new_tokens
         params, gens = [s.sampling_params for s in seqs], [engine.generator_of(s) for s in seqs]
-        errors: dict[int, Exception] = {}
+        failures: dict[int, Exception] = {}
         try:
             tokens = sample_tensor(logits, params, gens)
         except Exception:
             if not engine.isolate_failures:
                 raise
             rows = sample_each(logits, params, gens)  # a row's failure fails its request alone (the server's rule)
-            errors = {i: r for i, r in enumerate(rows) if isinstance(r, Exception)}
-            tokens = torch.tensor([0 if isinstance(r, Exception) else r for r in rows], dtype=torch.long, device=logits.device)
+            failures = {i: r for i, r in enumerate(rows) if isinstance(r, Exception)}
+            tokens = torch.tensor([0 if i in failures else r for i, r in enumerate(rows)], dtype=torch.long, device=logits.device)
         cuda = tokens.device.type == "cuda"
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
         host.copy_(tokens, non_blocking=cuda)
@@ -111,37 +111,30 @@ class AsyncScheduling:
         if cuda:
             copied = torch.cuda.Event()
             copied.record()
-        return InFlight(out, seqs, logits, tokens, host, copied, was_prefill, start, errors)
+        return InFlight(out, seqs, logits, tokens, host, copied, was_prefill, start, failures)
 
     def _commit(self, engine, step: InFlight, launched: InFlight | None) -> list[RequestOutput]:
         """Step ``n``'s tokens replace its placeholders and are committed as the synchronous loop does."""
         if step.copied is not None:
             step.copied.synchronize()
-        tokens = step.host.tolist()
-        now = time.perf_counter()
-        touched: dict[str, RequestState] = {}
-        for row, (seq, token) in enumerate(zip(step.seqs, tokens)):
+        tokens: list[int | Exception | None] = step.host.tolist()
+        parents: dict[int, tuple[Sequence, int, int]] = {}  # row -> (parent, its request's seq count, its count before the step in flight)
+        for row, seq in enumerate(step.seqs):
             req = engine._seq_to_request.get(seq.seq_id)
             if seq.seq_id not in step.live or req is None or seq.is_finished:
                 self.num_discarded += 1  # finished or aborted after it was launched: its extra token is dropped
+                tokens[row] = None
                 continue
             seq.output_token_ids.pop()  # the placeholder (the last token: later ones are appended after this)
-            if row in step.errors:
-                engine.abort_request(req.request_id)
-                engine.failed[req.request_id] = step.errors[row]
-                continue
-            touched[req.request_id] = req
-            engine.append_token(req, seq, token, now)
+            tokens[row] = step.failures.get(row, tokens[row])
             if len(req.seqs) < req.params.n and seq is req.seqs[0]:
-                computed = seq.num_computed_tokens - _launched_since(launched, seq)
-                engine.fork_children(req, seq, step.logits[row : row + 1], now)
-                for child in req.seqs[1:]:  # forks copy the parent's count, which ran one step ahead
-                    child.num_computed_tokens = min(child.num_computed_tokens, computed)
-        engine.num_steps += 1
-        if engine.record_steps:
-            engine.log_step(step.start, step.out, step.was_prefill)
-        return [engine.request_output(req) for req in touched.values()
-                if (req.stream or req.finished) and req.request_id not in engine.failed]
+                parents[row] = (seq, len(req.seqs), seq.num_computed_tokens - _launched_since(launched, seq))
+        outputs = engine.commit_tokens(step.out, step.seqs, tokens, step.logits, step.was_prefill, step.start)
+        for parent, count, computed in parents.values():  # forks copied the parent's count, which ran one step ahead
+            req = engine._seq_to_request.get(parent.seq_id)
+            for child in [] if req is None else req.seqs[count:]:
+                child.num_computed_tokens = computed
+        return outputs
 
     def _after_commit(self, engine, step: InFlight) -> None:
         """Step ``n + 1``'s full blocks hold real tokens now: publish them; its samplers get placeholders."""

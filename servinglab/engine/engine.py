@@ -222,11 +222,17 @@ class LLMEngine:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+        tokens = (sample_each if self.isolate_failures else sample)(logits, [s.sampling_params for s in seqs], [self.generator_of(s) for s in seqs])
+        return self.commit_tokens(out, seqs, tokens, logits, was_prefill, start)
+
+    def commit_tokens(self, out: SchedulerOutput, seqs: list[Sequence], tokens: list[int | Exception | None], logits: torch.Tensor,
+                      was_prefill: list[bool], start: float) -> list[RequestOutput]:
+        """Append each row's sampled token (``None``: skip the row; an exception fails its request when the
+        server isolates failures, else raises), fork parallel samples, end the step; return the outputs."""
         now = time.perf_counter()
         touched: dict[str, RequestState] = {}
-        tokens = (sample_each if self.isolate_failures else sample)(logits, [s.sampling_params for s in seqs], [self.generator_of(s) for s in seqs])
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
-            if (req := self._seq_to_request.get(seq.seq_id)) is None:
+            if token is None or (req := self._seq_to_request.get(seq.seq_id)) is None:
                 continue  # its request failed earlier in this step
             try:
                 if isinstance(token, Exception):
