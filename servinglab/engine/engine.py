@@ -15,6 +15,7 @@ import time
 import torch
 
 from servinglab.model.cache import KVCacheSpec, allocate_host_kv_cache, allocate_kv_cache, host_pool_num_blocks, pool_num_blocks
+from servinglab.engine.async_scheduling import AsyncScheduling
 from servinglab.engine.config import EngineConfig
 from servinglab.interfaces import SchedulerOutput
 from servinglab.engine.output_processor import OutputProcessor
@@ -101,11 +102,7 @@ class LLMEngine:
             from servinglab.engine.spec_decode import SpeculativeDecoder
 
             self.spec_decoder = SpeculativeDecoder(config.speculative_config, self)
-        self.async_loop = None
-        if config.async_scheduling:
-            from servinglab.engine.async_scheduling import AsyncScheduling
-
-            self.async_loop = AsyncScheduling()
+        self.async_loop = AsyncScheduling() if config.async_scheduling else None  # overlap scheduling, when asked for
         self.requests: dict[str, RequestState] = {}
         self._seq_to_request: dict[int, RequestState] = {}
         self._ids = itertools.count()
