@@ -86,8 +86,9 @@ def cached_logits_fn(model: nn.Module) -> Callable[[list[int]], torch.Tensor]:
                 cache.crop(-drop)  # roll back K/V of tokens that are no longer in the sequence
         else:
             cache, shared = None, 0
-        out = model(torch.tensor([ids[shared:]]), past_key_values=cache, use_cache=True,
-                    position_ids=torch.arange(shared, len(ids)).unsqueeze(0))
+        device = next(model.parameters()).device  # the model's device, CPU or GPU (the draft method on CUDA)
+        out = model(torch.tensor([ids[shared:]], device=device), past_key_values=cache, use_cache=True,
+                    position_ids=torch.arange(shared, len(ids), device=device).unsqueeze(0))
         state["ids"], state["cache"] = ids, out.past_key_values
         return out.logits[0].float()
 

@@ -70,6 +70,8 @@ SPECS = {
     "ngram": lambda prompts, plain: {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False},
     "oracle": lambda prompts, plain: {"method": "custom", "num_speculative_tokens": 3, "adaptive": False,
                                       "proposer": OracleProposer({tuple(p): r for p, r in zip(prompts, plain)}, 3)},
+    # the early-exit draft runs in transformers on the engine's device (cached_logits_fn moves its inputs there)
+    "draft": lambda prompts, plain: {"method": "draft", "num_speculative_tokens": 3, "draft_num_layers": 2, "adaptive": False},
 }
 
 
@@ -79,7 +81,10 @@ def test_gpu_greedy_speculation_is_plain_greedy_in_float32(name):
     assert spec == plain
     assert llm.engine.runner.num_verify_graph_steps > 0, "verification should replay CUDA graphs"
     stats = llm.engine.spec_decoder.stats
-    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    if name == "draft":  # a random model's early exit may agree with the full model rarely or never
+        assert stats.num_draft_tokens > 0
+    else:
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
 def test_gpu_bf16_divergences_are_near_ties():
