@@ -25,6 +25,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _even_odd(x_ptr, k0, BLOCK_K: tl.constexpr):
+    """The activations under a tile's low and high nibbles: one contiguous ``BLOCK_K`` load, then
+    de-interleaved in registers (two stride-2 loads would each touch every 32-byte sector anyway)."""
+    x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
+    return tl.split(tl.reshape(x, [BLOCK_K // 2, 2]))
+
+
+@triton.jit
 def _quant_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, out_ptr, partial_ptr, counter_ptr, N, K, stride_qn, stride_sn,
     INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -44,8 +52,7 @@ def _quant_gemv_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP], tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             byte = tl.load(rows + (k0 // 2 + offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
-            x_even = tl.load(x_ptr + k0 + 2 * offs_j).to(tl.float32)
-            x_odd = tl.load(x_ptr + k0 + 2 * offs_j + 1).to(tl.float32)
+            x_even, x_odd = _even_odd(x_ptr, k0, BLOCK_K)
             prod = ((byte & 15) - 8).to(tl.float32) * x_even[None, :] + ((byte >> 4) - 8).to(tl.float32) * x_odd[None, :]
             per_group = tl.sum(tl.reshape(prod, [BLOCK_N, BLOCK_K // GROUP, GROUP // 2]), 2)
             scale = tl.load(scales_ptr + offs_n[:, None] * stride_sn + (k0 // GROUP + offs_g)[None, :], mask=n_mask[:, None], other=0.0)
@@ -56,8 +63,7 @@ def _quant_gemv_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_K // 2], tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             byte = tl.load(rows + (k0 // 2 + offs_j)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
-            x_even = tl.load(x_ptr + k0 + 2 * offs_j).to(tl.float32)
-            x_odd = tl.load(x_ptr + k0 + 2 * offs_j + 1).to(tl.float32)
+            x_even, x_odd = _even_odd(x_ptr, k0, BLOCK_K)
             scale = tl.load(scales_ptr + offs_n[:, None] * stride_sn + (k0 + 2 * offs_j)[None, :] // GROUP,
                             mask=n_mask[:, None], other=0.0)
             low = ((byte & 15) - 8).to(tl.float32)
