@@ -65,9 +65,11 @@ class EngineConfig:
             schedules and prepares step ``n + 1`` while the device runs step ``n``, whose sampled
             tokens reach step ``n + 1``'s inputs on the device. Same outputs as the synchronous
             loop for greedy and seeded sampling; a sequence that finished at step ``n`` is dropped
-            one step late (its extra token discarded). Default ``False`` (not yet measured on a
-            GPU); not with ``speculative_config``, ``tensor_parallel_size > 1`` or
-            ``pipeline_parallel_size > 1``. See :mod:`servinglab.engine.async_scheduling`.
+            one step late (its extra token discarded). ``None`` (default): on for a CUDA device
+            where it is supported, off on the CPU (a CPU step has no device to overlap with: the
+            same cores would run both); ``True`` / ``False`` force it. Not with
+            ``speculative_config``, ``tensor_parallel_size > 1`` or ``pipeline_parallel_size > 1``
+            (``None`` turns it off there). See :mod:`servinglab.engine.async_scheduling`.
         quantization_group_size: INT4 group size, 32, 64 (default: divides SmolLM2's 576
             and 1536) or 128; it must divide every projection's input width.
     """
@@ -93,7 +95,7 @@ class EngineConfig:
     quantization_group_size: int = DEFAULT_GROUP_SIZE
     preemption_mode: str = "recompute"
     swap_space: float = 4.0
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,12 +126,10 @@ class EngineConfig:
                          ("preemption_mode='swap'", self.preemption_mode == "swap")):
             if pp > 1 and on:
                 raise ValueError(f"{name} is not supported with pipeline_parallel_size > 1")
-        if not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"async_scheduling must be True or False, got {self.async_scheduling!r}")
-        for name, on in (("speculative_config", self.speculative_config is not None), ("tensor_parallel_size > 1", tp > 1),
-                         ("pipeline_parallel_size > 1", pp > 1)):
-            if self.async_scheduling and on:
-                raise ValueError(f"async_scheduling=True is not supported with {name}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True, False or None (on for CUDA where supported), got {self.async_scheduling!r}")
+        if self.async_scheduling and self._overlap_blocker():
+            raise ValueError(f"async_scheduling=True is not supported with {self._overlap_blocker()}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         swap = self.swap_space
@@ -159,6 +159,23 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.resolved_dtype]
+
+    @property
+    def use_async_scheduling(self) -> bool:
+        """Whether the engine overlaps scheduling with the device step: ``async_scheduling``, or
+        for ``None``, on a CUDA device when nothing rules it out."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.torch_device.type == "cuda" and self._overlap_blocker() is None
+
+    def _overlap_blocker(self) -> str | None:
+        """The first setting overlap scheduling does not support, or ``None``."""
+        for name, on in (("speculative_config", self.speculative_config is not None),
+                         ("tensor_parallel_size > 1", self.tensor_parallel_size > 1),
+                         ("pipeline_parallel_size > 1", self.pipeline_parallel_size > 1)):
+            if on:
+                return name
+        return None
 
     @property
     def torch_device(self) -> torch.device:

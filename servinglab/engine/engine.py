@@ -102,7 +102,7 @@ class LLMEngine:
             from servinglab.engine.spec_decode import SpeculativeDecoder
 
             self.spec_decoder = SpeculativeDecoder(config.speculative_config, self)
-        self.async_loop = AsyncScheduling() if config.async_scheduling else None  # overlap scheduling, when asked for
+        self.async_loop = AsyncScheduling() if config.use_async_scheduling else None  # overlap scheduling (on for CUDA by default)
         self.requests: dict[str, RequestState] = {}
         self._seq_to_request: dict[int, RequestState] = {}
         self._ids = itertools.count()

@@ -184,8 +184,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="overlap scheduling: prepare the next step while the GPU runs this one (vLLM's flag)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap scheduling: prepare the next step while the GPU runs this one (vLLM's flag; "
+                        "default: on for CUDA where supported, off on the CPU)")
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -111,10 +111,23 @@ def test_abort_mid_way_and_no_placeholder_leaks() -> None:
 
 
 def test_config_rejects_what_it_cannot_overlap() -> None:
-    with pytest.raises(ValueError, match="async_scheduling must be True or False"):
+    with pytest.raises(ValueError, match="async_scheduling must be True, False or None"):
         make("yes")
     with pytest.raises(ValueError, match="speculative_config"):
         make(True, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def test_default_is_on_for_cuda_only_where_supported() -> None:
+    from servinglab.engine.config import EngineConfig
+
+    assert not EngineConfig(device="cpu").use_async_scheduling, "the CPU path stays the synchronous loop"
+    assert EngineConfig(device="cpu", async_scheduling=True).use_async_scheduling
+    auto = EngineConfig(device="cpu")
+    auto.device = "cuda"  # what the default means on a CUDA box, without needing one
+    assert auto.use_async_scheduling
+    auto.speculative_config = {"method": "ngram", "num_speculative_tokens": 2}
+    assert not auto.use_async_scheduling, "None turns it off where it is unsupported instead of failing"
+    assert make(None).engine.async_loop is None
 
 
 def test_the_cuda_runner_path_interpreted_on_a_cpu(monkeypatch) -> None:
