@@ -11,8 +11,10 @@ pay too. Variants, all built from the same random bf16 weights in one process:
 * ``torchao int8``: ``quantize_(.., Int8WeightOnlyConfig())`` run eagerly inside the
   graph (torchao's int4 needs a kernel package that cannot be installed here);
 * ``fp8``: e4m3 weights with per-channel scales and a dynamic per-token e4m3 activation
-  scale computed by separate ops, then ``torch._scaled_mm`` (vLLM's ``quantization="fp8"``
-  path, unfused); only on GPUs with FP8 (compute capability 8.9 or higher).
+  scale, then ``torch._scaled_mm`` (vLLM's ``quantization="fp8"`` path); three rows: the
+  activation quantized by separate ops (unfused), by one Triton pass (fused), and once
+  outside the step (the GEMM alone: what a quantization fused into the previous RMSNorm
+  would approach); only on GPUs with FP8 (compute capability 8.9 or higher).
 
 The roofline's prediction for a variant is ``max(bytes / bandwidth, flops / peak)``
 (weights + activations read once; H200: 4.8 TB/s, 989 TFLOP/s dense bf16, 1979 FP8), and
@@ -76,16 +78,36 @@ def _time_graph(step: Callable[[], object], reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def _fp8_layer(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> x @ w.T`` through e4m3 weights (per output channel) and a dynamic per-token activation scale."""
+FP8_MODES = {
+    "unfused": "activation scale by separate PyTorch ops (five passes, three in float32)",
+    "fused": "activation quantized in one Triton pass (servinglab.model.triton.fp8_quant)",
+    "gemm only": "activation quantized once, outside the step: the FP8 GEMM's own time, a lower bound",
+}
+
+
+def _fp8_layer(weight: torch.Tensor, mode: str = "unfused") -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x @ w.T`` through e4m3 weights (per output channel) and a dynamic per-token activation scale.
+
+    ``mode`` (:data:`FP8_MODES`) says how the activation gets to e4m3 inside the step.
+    """
+    from servinglab.model.triton.fp8_quant import quantize_rows_fp8
+
     fmax = torch.finfo(torch.float8_e4m3fn).max
     w_scale = weight.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / fmax  # [N, 1]
     w8 = (weight.float() / w_scale).to(torch.float8_e4m3fn)
     scale_b = w_scale.t().contiguous()  # [1, N]
+    fixed: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # "gemm only": one quantized input per shape
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        x_scale = x.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / fmax  # [M, 1]; zero rows guarded
-        x8 = (x.float() / x_scale).to(torch.float8_e4m3fn)
+        if mode == "fused":
+            x8, x_scale = quantize_rows_fp8(x)
+        elif mode == "gemm only":  # the first (eager) call quantizes; graph capture and replays see only the GEMM
+            if tuple(x.shape) not in fixed:
+                fixed[tuple(x.shape)] = quantize_rows_fp8(x)
+            x8, x_scale = fixed[tuple(x.shape)]
+        else:
+            x_scale = x.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / fmax  # [M, 1]; zero rows guarded
+            x8 = (x.float() / x_scale).to(torch.float8_e4m3fn)
         return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale_b, out_dtype=x.dtype)
 
     return forward
@@ -124,11 +146,13 @@ def build_variants(shapes: list[tuple[int, int]], layers: int, group_size: int) 
         variants["torchao int8"] = ([[m for m in row] for row in mods], nbytes // 2, "Int8WeightOnlyConfig, eager")
     except Exception as exc:  # noqa: BLE001 - reported in the table, never fatal
         variants["torchao int8"] = ([], 0, f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-    if torch.cuda.get_device_capability() >= (8, 9):
-        variants["fp8 (scaled_mm)"] = ([[_fp8_layer(w) for w in layer] for layer in dense], nbytes // 2,
-                                       "e4m3, per-channel weight / per-token activation scales, unfused")
-    else:
-        variants["fp8 (scaled_mm)"] = ([], 0, "skipped: needs FP8 tensor cores (compute capability >= 8.9)")
+    for mode, note in FP8_MODES.items():
+        name = "fp8 (scaled_mm)" if mode == "unfused" else f"fp8 {mode}"
+        if torch.cuda.get_device_capability() >= (8, 9):
+            variants[name] = ([[_fp8_layer(w, mode) for w in layer] for layer in dense], nbytes // 2,
+                              f"e4m3, per-channel weight / per-token activation scales; {note}")
+        else:
+            variants[name] = ([], 0, "skipped: needs FP8 tensor cores (compute capability >= 8.9)")
     return variants
 
 
@@ -184,7 +208,21 @@ def projection_table(rows: list[ProjectionRow]) -> str:
         speed = "-" if r.ms is None or b.ms is None else f"{b.ms / r.ms:.2f}x"
         predicted = "-" if r.ms is None else f"{b.predicted_ms / r.predicted_ms:.2f}x"  # an unavailable row has no weights
         lines.append(f"| {r.variant} | {r.rows} | {r.weight_bytes / 1e6:.0f} | {ms} | {speed} | {predicted} | {r.note} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *crossovers(rows)])
+
+
+def crossovers(rows: list[ProjectionRow]) -> list[str]:
+    """Per variant, the row counts measured where it beats bf16 (its crossover: the smallest of them)."""
+    base = {r.rows: r.ms for r in rows if r.variant == "bf16"}
+    lines = []
+    for name in dict.fromkeys(r.variant for r in rows if r.variant != "bf16"):
+        mine = [r for r in rows if r.variant == name and r.ms is not None and base.get(r.rows)]
+        if not mine:
+            continue
+        wins = [r.rows for r in mine if r.ms < base[r.rows]]
+        where = f"faster than bf16 at M = {', '.join(map(str, wins))} (crossover M = {wins[0]})" if wins else "never faster than bf16"
+        lines.append(f"- {name}: {where}, of M = {', '.join(str(r.rows) for r in mine)}")
+    return lines
 
 
 def plot_projection_rows(rows: list[ProjectionRow], path) -> None:
