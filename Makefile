@@ -59,8 +59,9 @@ $(INSTALLED): pyproject.toml | $(PY)
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-$(MODEL): $(INSTALLED)
+$(MODEL): $(INSTALLED) servinglab/model/prepare.py
 	$(BIN)/servinglab prepare-model
+	touch $@
 
 setup: $(INSTALLED) $(MODEL)
 

@@ -72,6 +72,8 @@ def profile_gpu_decode(engine, prompts: Seq[list[int]], steps: int = 10) -> dict
     finally:
         for request_id in ids:
             engine.abort_request(request_id)
+        while engine.has_unfinished_requests():  # overlap scheduling: commit (discard) the step still in flight
+            engine.step()
     events = prof.events()
     device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     launches = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(LAUNCH_NAMES))

@@ -172,7 +172,8 @@ class EngineConfig:
         """The first setting overlap scheduling does not support, or ``None``."""
         for name, on in (("speculative_config", self.speculative_config is not None),
                          ("tensor_parallel_size > 1", self.tensor_parallel_size > 1),
-                         ("pipeline_parallel_size > 1", self.pipeline_parallel_size > 1)):
+                         ("pipeline_parallel_size > 1", self.pipeline_parallel_size > 1),
+                         ("distributed_executor_backend='mp'", self.extra.get("distributed_executor_backend") == "mp")):
             if on:
                 return name
         return None

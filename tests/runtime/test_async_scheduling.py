@@ -110,6 +110,24 @@ def test_abort_mid_way_and_no_placeholder_leaks() -> None:
     assert got[True] == got[False]  # the same tokens, and every block given back alike
 
 
+def test_generate_returns_with_nothing_in_flight() -> None:
+    """The step launched after the last token (its lanes all finished) is committed before generate returns,
+    so nothing of one call reaches the next call's step log (notebook 04 plots that log)."""
+    llm = make(True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    llm.generate([[1, 2, 3]], greedy, use_tqdm=False)
+    engine = llm.engine
+    assert engine.async_loop.in_flight is None and not engine.has_unfinished_requests()
+    assert engine.async_loop.num_launched == engine.num_steps, "every launched step was committed"
+    engine.record_steps, engine.step_log = True, []
+    rid = engine.add_request([4, 5, 6, 7], greedy)
+    mine = {s.seq_id for s in engine.requests[rid].seqs}
+    while engine.has_unfinished_requests():
+        engine.step()
+    logged = {seq_id for rec in engine.step_log for seq_id, _, _ in rec.scheduled}
+    assert logged == mine
+
+
 def test_config_rejects_what_it_cannot_overlap() -> None:
     with pytest.raises(ValueError, match="async_scheduling must be True, False or None"):
         make("yes")
@@ -127,6 +145,8 @@ def test_default_is_on_for_cuda_only_where_supported() -> None:
     assert auto.use_async_scheduling
     auto.speculative_config = {"method": "ngram", "num_speculative_tokens": 2}
     assert not auto.use_async_scheduling, "None turns it off where it is unsupported instead of failing"
+    auto.speculative_config, auto.extra = None, {"distributed_executor_backend": "mp"}
+    assert not auto.use_async_scheduling, "a worker rank executes the step: no overlap there"
     assert make(None).engine.async_loop is None
 
 

@@ -158,3 +158,13 @@ def test_bfloat16_divergences_from_vllm_are_near_ties():
     same = 1 - len(report) / len(ids)
     print(f"lab vs vLLM bf16: {same:.0%} of {len(ids)} requests agree on 32 greedy tokens; "
           f"divergences (n, token, float32 margin): {report}")
+
+
+def test_tokenizer_eos_is_the_generation_configs():
+    """Stop checks use ``tokenizer.eos_token_id``; transformers versions read the GGUF's EOS differently
+    (5.17: <|im_start|>), so prepare-model sets it from the generation config (<|im_end|>)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    assert tok.eos_token_id == GenerationConfig.from_pretrained(default_model_dir()).eos_token_id
+    assert tok.eos_token == "<|im_end|>"
