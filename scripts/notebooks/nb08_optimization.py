@@ -313,13 +313,24 @@ Read it by regime, against the seed's "INT8: 1.5-2x speedup, 50% memory reductio
   activation quantized by separate PyTorch ops it reaches only 0.58x at M = 8192, because
   quantizing the activation costs more than the faster GEMM saves (no crossover up to
   8192 in this run). Fusing that quantization into the previous RMSNorm is what vLLM does.
+  A later run on an H200 (`docs/figures/h200_2026-12-07/`) times three FP8 rows: the
+  activation quantized by those PyTorch ops (five passes over it, three in float32): 0.68x
+  at M = 8192; by one Triton pass that reads each row once and writes one byte per element
+  (`servinglab/model/triton/fp8_quant.py`): **1.46x at M = 8192, crossing over at M = 512
+  (1.18x)**; and the FP8 GEMM alone, the activation quantized outside the step: 1.59x, the
+  bound a quantization fused into RMSNorm would approach. Below M = 512 FP8 loses even
+  fused (0.73-0.85x): at small M the GEMM reads weights, and cuBLAS's FP8 kernels are no
+  faster than its bf16 ones there.
 - **INT4 loses everywhere** with the reference kernel: its K loop moves one group (64
   codes, 32 bytes per weight row) per iteration and runs two tensor-core products for it,
   too little work per step to stream weights at full bandwidth; at large M it collapses
   (0.06x). Production INT4 kernels (Marlin) reach close to the 4x roofline at batch 1-16
   with wider tiles, asynchronous copies and a weight layout shuffled offline for the
   tensor cores. Which makes the point of this section: the bytes are only half the story;
-  the kernel decides whether the GPU sees them.
+  the kernel decides whether the GPU sees them. (On the H200 run, after the engine's one-row
+  GEMV learnt to scale once per group and to load the activations contiguously, INT4 at
+  M = 1 reached 1.27x and INT8 1.16x of a faster bf16 baseline; the 2.8x and 1.7x the
+  roofline allows are still far.)
 
 | source (not measured here) | setting | int8 speed | int8 quality |
 | --- | --- | --- | --- |

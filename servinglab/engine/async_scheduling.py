@@ -83,6 +83,12 @@ class AsyncScheduling:
             raise_if_stalled(engine.scheduler, engine.block_manager)
         return outputs
 
+    def drain(self, engine) -> list[RequestOutput]:
+        """Commit the step in flight and launch none (before a step that needs every token on the host:
+        speculative decoding's proposers read them); return its outputs."""
+        prev, self.in_flight = self.in_flight, None
+        return [] if prev is None else self._commit(engine, prev, None)
+
     def _launch(self, engine, out: SchedulerOutput, prev: InFlight | None, start: float) -> InFlight:
         was_prefill = [s.seq.is_prefill for s in out.scheduled]
         engine.last_step_had_prefill = any(was_prefill)

@@ -67,9 +67,11 @@ class EngineConfig:
             loop for greedy and seeded sampling; a sequence that finished at step ``n`` is dropped
             one step late (its extra token discarded). ``None`` (default): on for a CUDA device
             where it is supported, off on the CPU (a CPU step has no device to overlap with: the
-            same cores would run both); ``True`` / ``False`` force it. Not with
-            ``speculative_config``, ``tensor_parallel_size > 1`` or ``pipeline_parallel_size > 1``
-            (``None`` turns it off there). See :mod:`servinglab.engine.async_scheduling`.
+            same cores would run both); ``True`` / ``False`` force it. With ``speculative_config``
+            the plain steps overlap, and a speculative step first commits the step in flight
+            (drafts need the real tokens). Not with ``tensor_parallel_size > 1`` or
+            ``pipeline_parallel_size > 1`` (``None`` turns it off there). See
+            :mod:`servinglab.engine.async_scheduling`.
         quantization_group_size: INT4 group size, 32, 64 (default: divides SmolLM2's 576
             and 1536) or 128; it must divide every projection's input width.
     """
@@ -170,8 +172,7 @@ class EngineConfig:
 
     def _overlap_blocker(self) -> str | None:
         """The first setting overlap scheduling does not support, or ``None``."""
-        for name, on in (("speculative_config", self.speculative_config is not None),
-                         ("tensor_parallel_size > 1", self.tensor_parallel_size > 1),
+        for name, on in (("tensor_parallel_size > 1", self.tensor_parallel_size > 1),
                          ("pipeline_parallel_size > 1", self.pipeline_parallel_size > 1),
                          ("distributed_executor_backend='mp'", self.extra.get("distributed_executor_backend") == "mp")):
             if on:

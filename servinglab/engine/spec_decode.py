@@ -1,31 +1,27 @@
 """Speculative decoding inside the paged engine (Part 5's pieces, served in batches).
 
-A speculative step: every *decoding* sequence gets up to ``k`` drafted tokens (the
-student's ``NgramProposer`` or an early-exit draft model through ``DraftModelProposer``),
-appended to its tokens for the duration of the step. The scheduler then sees ``1 + d``
-uncomputed tokens and reserves their slots with ``append_slots``; the runner computes them
-all in ONE target forward over the paged cache and returns logits at every one of those
-positions; the student's ``rejection_sample`` keeps the agreed prefix plus one token
-(Leviathan et al., ICML 2023). Then the step rolls back: the drafts leave the sequence,
-``num_computed_tokens`` becomes the kept tokens minus one (the last emitted token's K/V is
-computed next step), and ``trim_blocks`` frees the blocks holding only rejected slots. Stale
-K/V of rejected slots inside a kept block is never read (attention stops at the context
-length) and is overwritten next step. Blocks are published to the prefix cache only after
-the rollback, so no cached block holds a rejected draft.
+A speculative step: every *decoding* sequence gets up to ``k`` drafted tokens (the student's
+``NgramProposer`` or an early-exit draft model through ``DraftModelProposer``), appended for
+the step. The scheduler sees ``1 + d`` uncomputed tokens and reserves their slots
+(``append_slots``); ONE target forward over the paged cache gives logits at all of them; the
+student's ``rejection_sample`` keeps the agreed prefix plus one token (Leviathan et al.,
+ICML 2023). Then the step rolls back: the drafts leave the sequence, ``num_computed_tokens``
+becomes the kept tokens minus one, ``trim_blocks`` frees blocks holding only rejected slots
+(stale K/V in a kept block is never read and is overwritten next step), and blocks are
+published to the prefix cache only after the rollback (none holds a rejected draft).
 
-Drafts never take what the plain step would need: they are capped by the token budget
-left after the running sequences' own tokens, by free blocks beyond one per running
-sequence, by ``max_tokens`` and by ``max_model_len``. So speculation never causes a
-preemption the plain engine would not have made. Prefill steps are unchanged.
+Drafts never take what the plain step would need (capped by the token budget left after the
+running sequences' own tokens, free blocks beyond one per running sequence, ``max_tokens``
+and ``max_model_len``): no preemption the plain engine would not have made.
 
-On a GPU (:mod:`servinglab.engine.cuda_runner`) a step whose sequences all decode is one
-CUDA-graph replay of ``1 + k`` query rows per sequence, and the student's
-``rejection_sample`` verifies the whole batch on the device with one device-to-host
-copy (:func:`servinglab.engine.spec_verify.verify_batch`); the n-gram proposer is an
-incremental index (:mod:`servinglab.engine.ngram_index`). Whether a step speculates at
-all is the rule of :mod:`servinglab.engine.spec_policy` (never slower than plain).
-The decoder is the engine's step *strategy*: it sees the engine only through
-:class:`~servinglab.engine.step_protocol.EngineHost`.
+On a GPU (:mod:`servinglab.engine.cuda_runner`) an all-decode step is one CUDA-graph replay
+of ``1 + k`` query rows per sequence; ``rejection_sample`` verifies the batch on the device
+with one device-to-host copy (:func:`servinglab.engine.spec_verify.verify_batch`); the
+n-gram proposer is an incremental index (:mod:`servinglab.engine.ngram_index`); whether a
+step speculates is :mod:`servinglab.engine.spec_policy`'s rule (never slower than plain);
+with overlap scheduling (the CUDA default) plain steps run overlapped and a speculative step
+first commits the step in flight. The decoder is the engine's step *strategy*: it sees the
+engine only through :class:`~servinglab.engine.step_protocol.EngineHost`.
 """
 
 from __future__ import annotations
@@ -80,6 +76,7 @@ class SpeculativeDecoder:
         self.request_stats: collections.OrderedDict[str, SpecDecodeStats] = collections.OrderedDict()
         self._draft_lms: dict[int, Any] = {}  # seq_id -> DraftModelProposer with its own KV cache
         self.propose_seconds = 0.0  # wall time spent drafting: the "c" of Leviathan's speedup formula
+        self._pending = False  # speculate in the next step: this one only drained the overlapped plain loop
         on_gpu = engine.device.type == "cuda"
         self.policy = SpecPolicy(cfg.disable_by_batch_size, on_gpu if cfg.adaptive is None else cfg.adaptive)
         self.not_batched = check_batched(self.spec.rejection_sample, engine.device)
@@ -156,7 +153,6 @@ class SpeculativeDecoder:
         for d in drafts.values():
             del d.seq.output_token_ids[len(d.seq.output_token_ids) - len(d.tokens) :]
 
-    # ------------------------------------------------------------------ the step
     def step(self, engine: EngineHost) -> list[RequestOutput]:
         """One engine iteration with speculation (the plain step's contract: outputs of requests that progressed)."""
         start = time.perf_counter()
@@ -165,8 +161,12 @@ class SpeculativeDecoder:
         # eagerly, and verifying there costs a round trip per sequence (the graph path needs all-decode steps).
         running = len(engine.scheduler.running)
         prefilling = len(decoding) < running or (len(engine.scheduler.waiting) > 0 and running < engine.config.max_num_seqs)
-        if (self.policy.adaptive and prefilling) or not self.policy.should_speculate(len(decoding)):
+        pending, self._pending = self._pending, False  # the last step drained the overlapped loop for this one
+        if (self.policy.adaptive and prefilling) or not (decoding and pending or self.policy.should_speculate(len(decoding))):
             return self._plain(engine, decoding, start)
+        if engine.async_loop is not None and engine.async_loop.in_flight is not None:
+            self._pending = True  # plain steps overlap (async_scheduling.py); drafting needs the real tokens first
+            return engine.async_loop.drain(engine)
         drafts, decoding_ids = self._propose(engine, decoding)
         self.propose_seconds += time.perf_counter() - start
         try:
@@ -210,7 +210,7 @@ class SpeculativeDecoder:
     def _plain(self, engine: EngineHost, decoding: list[Sequence], start: float) -> list[RequestOutput]:
         """A step the rule does not speculate in: the engine's own plain step, timed for the rule."""
         before = {s.seq_id: (s, s.num_tokens) for s in decoding}
-        outputs = engine.plain_step()
+        outputs = engine.plain_step() if engine.async_loop is None else engine.async_loop.step(engine)
         if decoding and not engine.last_step_had_prefill:
             self.policy.record(len(decoding), False, time.perf_counter() - start)
         for seq, n in before.values():

@@ -9,6 +9,7 @@ and one-step-late finish runs exactly as on a GPU.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -131,8 +132,27 @@ def test_generate_returns_with_nothing_in_flight() -> None:
 def test_config_rejects_what_it_cannot_overlap() -> None:
     with pytest.raises(ValueError, match="async_scheduling must be True, False or None"):
         make("yes")
-    with pytest.raises(ValueError, match="speculative_config"):
-        make(True, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="pipeline_parallel_size > 1"):
+        make(True, pipeline_parallel_size=2)
+
+
+@pytest.mark.parametrize("pattern", [(True,), (False, True), (True, False, False)])
+def test_speculation_with_overlapped_plain_steps(pattern: tuple[bool, ...]) -> None:
+    """Plain steps of a speculative engine run overlapped; a speculative step first drains the step in
+    flight (drafts need real tokens). The per-step decision is scripted; greedy output stays plain greedy."""
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 40) for _ in range(4)] * 3 for _ in range(6)]
+    params = [SamplingParams(temperature=0.0, max_tokens=5 + 4 * i, ignore_eos=i % 2 == 0,
+                             stop_token_ids=[] if i % 3 else [rng.randrange(3, 40)]) for i in range(6)]
+    want = run(False, prompts, params)
+    llm = make(True, speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                                         "prompt_lookup_max": 3})
+    decisions = itertools.cycle(pattern)
+    llm.engine.spec_decoder.policy.should_speculate = lambda batch: next(decisions)
+    assert [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    assert llm.engine.spec_decoder.stats.num_draft_tokens > 0, "speculative steps ran"
+    assert (llm.engine.async_loop.num_overlapped > 0) == (pattern == (True, False, False)), "only plain after plain overlaps"
+    assert llm.engine.async_loop.in_flight is None and not llm.engine.has_unfinished_requests()
 
 
 def test_default_is_on_for_cuda_only_where_supported() -> None:
@@ -144,8 +164,10 @@ def test_default_is_on_for_cuda_only_where_supported() -> None:
     auto.device = "cuda"  # what the default means on a CUDA box, without needing one
     assert auto.use_async_scheduling
     auto.speculative_config = {"method": "ngram", "num_speculative_tokens": 2}
+    assert auto.use_async_scheduling, "speculation's plain steps overlap"
+    auto.pipeline_parallel_size = 2
     assert not auto.use_async_scheduling, "None turns it off where it is unsupported instead of failing"
-    auto.speculative_config, auto.extra = None, {"distributed_executor_backend": "mp"}
+    auto.pipeline_parallel_size, auto.extra = 1, {"distributed_executor_backend": "mp"}
     assert not auto.use_async_scheduling, "a worker rank executes the step: no overlap there"
     assert make(None).engine.async_loop is None
 
