@@ -790,9 +790,10 @@ weights of the SmolLM2-1.7B config, bf16, 64 requests; `docs/figures/h200_2026-1
 Same greedy tokens for all 64 requests. At batch 64 the host's work (your scheduler, the
 block tables, the inputs, the commit) was a quarter of the step and now hides behind the
 GPU's; at batch 1 the host's part of a 1.7B step is small, so there is little to hide. That
-run is why overlap scheduling is on by default on CUDA. It is not combined with speculative
-decoding (Part 5) or with tensor/pipeline parallelism (Part 9): there the engine runs the
-synchronous loop.
+run is why overlap scheduling is on by default on CUDA. With speculative decoding (Part 5)
+the plain steps overlap and a speculative step first waits for the step in flight (a
+proposer needs the real tokens); with tensor or pipeline parallelism (Part 9) the engine
+runs the synchronous loop.
 """)
 nb.md("""
 ## Recap
