@@ -67,5 +67,5 @@ def test_notebook_check_passes_the_reference_and_fails_unverified_drafts(tok_and
 
     print(check_same_or_near_tie(reference, run(), oracle, bound, "reference Part 5", eos_token_id=tok.eos_token_id))
     monkeypatch.setattr(spec, "rejection_sample", unverified_rejection_sample)
-    with pytest.raises(AssertionError, match="no near-tie"):
+    with pytest.raises(AssertionError, match="no near-tie|stops at token"):
         check_same_or_near_tie(reference, run(), oracle, bound, "unverified drafts", eos_token_id=tok.eos_token_id)
