@@ -130,8 +130,8 @@ class EngineConfig:
                 raise ValueError(f"{name} is not supported with pipeline_parallel_size > 1")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be True, False or None (on for CUDA where supported), got {self.async_scheduling!r}")
-        if self.async_scheduling and self._overlap_blocker():
-            raise ValueError(f"async_scheduling=True is not supported with {self._overlap_blocker()}")
+        if self.async_scheduling and (blocker := self._overlap_blocker()):
+            raise ValueError(f"async_scheduling=True is not supported with {blocker}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         swap = self.swap_space

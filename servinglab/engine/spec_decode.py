@@ -162,7 +162,7 @@ class SpeculativeDecoder:
         running = len(engine.scheduler.running)
         prefilling = len(decoding) < running or (len(engine.scheduler.waiting) > 0 and running < engine.config.max_num_seqs)
         pending, self._pending = self._pending, False  # the last step drained the overlapped loop for this one
-        if (self.policy.adaptive and prefilling) or not (decoding and pending or self.policy.should_speculate(len(decoding))):
+        if (self.policy.adaptive and prefilling) or not (bool(decoding) if pending else self.policy.should_speculate(len(decoding))):
             return self._plain(engine, decoding, start)
         if engine.async_loop is not None and engine.async_loop.in_flight is not None:
             self._pending = True  # plain steps overlap (async_scheduling.py); drafting needs the real tokens first
