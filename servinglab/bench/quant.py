@@ -27,16 +27,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import threading
-import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from servinglab.bench.quality import PROMPTS, greedy_agreement, perplexity, stdlib_docstring_text, text_fingerprint, token_windows
+from servinglab.bench.quant_timing import decode_tok_s, prefill_tok_s
 
 RANDOM_CONFIGS = {  # from each model's config.json (REFERENCE table in docs/references.md)
     "smollm2-135m": dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536),
@@ -57,6 +55,7 @@ class QuantRow:
     peak_memory_bytes: int
     decode_tok_s_b1: float
     decode_tok_s_b32: float
+    prefill_tok_s: float | None = None  # CUDA: 16 prompts of 1,000 tokens (M = 2,048 rows a step)
     perplexity: float | None = None
     greedy_identical: float | None = None
     greedy_common_prefix: float | None = None
@@ -118,38 +117,6 @@ def compile_blocks(model: torch.nn.Module) -> None:
         layer.self_attn.o_proj = torch.compile(layer.self_attn.o_proj, dynamic=True)
 
 
-def decode_tok_s(llm, vocab: int, batch: int, steps: int, prompt_len: int = 16) -> float:
-    """Decode tokens/s of ``batch`` sequences: ``N`` steps timed, the prefill run subtracted.
-
-    On a busy machine a short run can time no longer than the prefill alone; the
-    measurement is then repeated with twice the steps (twice at most), and if it still
-    fails the result is ``nan`` with a warning, so a table (or a notebook cell) that
-    reports it still completes.
-    """
-    from servinglab.engine.sampling import SamplingParams
-
-    gen = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(3, vocab, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
-    def run(tokens: int) -> float:
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    run(2)  # warm-up at this batch size (allocations, compiled graphs, caches)
-    for _ in range(3):
-        prefill_only = min(run(1) for _ in range(2))
-        with_decode = min(run(1 + steps) for _ in range(2))
-        if with_decode > prefill_only:
-            return batch * steps / (with_decode - prefill_only)
-        steps *= 2
-    warnings.warn(f"timing failed at batch {batch}: {steps // 2} decode steps measured no time "
-                  f"({with_decode:.4f} s <= {prefill_only:.4f} s; a busy machine?); reporting nan, raise --steps", stacklevel=2)
-    return math.nan
-
-
 def run_variant(args: argparse.Namespace, dtype: str, quantization: str | None, compiled: bool, windows, baseline_tokens):
     """Load, (quantize via the engine), measure; returns ``(row, greedy tokens)``."""
     from servinglab.engine.llm import LLM
@@ -171,6 +138,7 @@ def run_variant(args: argparse.Namespace, dtype: str, quantization: str | None, 
     wb = weight_bytes(llm.engine.model)
     b1 = decode_tok_s(llm, config.vocab_size, 1, args.steps)
     b32 = decode_tok_s(llm, config.vocab_size, 32, args.steps)
+    prefill = prefill_tok_s(llm, config.vocab_size) if cuda else None
     ppl, tokens = None, None
     if windows is not None:
         ppl = perplexity(llm.engine.model, windows, progress=True)
@@ -180,7 +148,7 @@ def run_variant(args: argparse.Namespace, dtype: str, quantization: str | None, 
     if cuda:
         rss.stop()
     name = (quantization or dtype) + (" + compile" if compiled else "")
-    row = QuantRow(name, dtype, quantization, compiled, wb.total, wb.linear, peak, b1, b32, ppl)
+    row = QuantRow(name, dtype, quantization, compiled, wb.total, wb.linear, peak, b1, b32, prefill, ppl)
     if tokens is not None and baseline_tokens is not None:
         agree = greedy_agreement(baseline_tokens, tokens)
         row.greedy_identical, row.greedy_common_prefix = agree["identical"], agree["mean_common_prefix"]
@@ -191,14 +159,17 @@ def run_variant(args: argparse.Namespace, dtype: str, quantization: str | None, 
 def quant_table(rows: list[QuantRow]) -> str:
     """Markdown table; speed-ups and memory ratios relative to the first row."""
     base = rows[0]
-    lines = ["| variant | weights MB | projections MB | peak MB | b1 tok/s | b32 tok/s | b1 vs base | b32 vs base | perplexity | greedy identical |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| variant | weights MB | projections MB | peak MB | b1 tok/s | b32 tok/s | b1 vs base | b32 vs base | "
+             "prefill tok/s | prefill vs base | perplexity | greedy identical |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ppl = "-" if r.perplexity is None else f"{r.perplexity:.3f}"
         agree = "-" if r.greedy_identical is None else f"{r.greedy_identical:.0%}"
+        prefill = ("- | -" if r.prefill_tok_s is None or base.prefill_tok_s is None
+                   else f"{r.prefill_tok_s:.0f} | {r.prefill_tok_s / base.prefill_tok_s:.2f}x")
         lines.append(f"| {r.name} | {r.weight_bytes / 1e6:.1f} | {r.linear_bytes / 1e6:.1f} | {r.peak_memory_bytes / 1e6:.0f} | "
                      f"{r.decode_tok_s_b1:.1f} | {r.decode_tok_s_b32:.1f} | {r.decode_tok_s_b1 / base.decode_tok_s_b1:.2f}x | "
-                     f"{r.decode_tok_s_b32 / base.decode_tok_s_b32:.2f}x | {ppl} | {agree} |")
+                     f"{r.decode_tok_s_b32 / base.decode_tok_s_b32:.2f}x | {prefill} | {ppl} | {agree} |")
     return "\n".join(lines)
 
 
@@ -227,6 +198,8 @@ def run_bench_quant(args: argparse.Namespace) -> list[QuantRow]:
         (args.out / "quant.json").write_text(json.dumps({"device": args.device, "projections": proj}, indent=2) + "\n")
         return []
     variants = [(None, False), ("int8", False), ("int4", False)]
+    if args.device == "cuda" and dtype == "bfloat16" and torch.cuda.get_device_capability() >= (8, 9):
+        variants.append(("fp8", False))  # servinglab.model.fp8_linear: FP8 tensor cores only
     if args.compile:
         variants += [(q, True) for q, _ in variants]
     rows: list[QuantRow] = []

@@ -14,7 +14,9 @@ pay too. Variants, all built from the same random bf16 weights in one process:
   scale, then ``torch._scaled_mm`` (vLLM's ``quantization="fp8"`` path); three rows: the
   activation quantized by separate ops (unfused), by one Triton pass (fused), and once
   outside the step (the GEMM alone: what a quantization fused into the previous RMSNorm
-  would approach); only on GPUs with FP8 (compute capability 8.9 or higher).
+  would approach); only on GPUs with FP8 (compute capability 8.9 or higher);
+* ``fp8 engine``: what ``LLM(..., quantization="fp8")`` runs (:mod:`servinglab.model.fp8_linear`):
+  the weight-only GEMV on the e4m3 codes at ``M = 1``, the fused W8A8 route above.
 
 The roofline's prediction for a variant is ``max(bytes / bandwidth, flops / peak)``
 (weights + activations read once; H200: 4.8 TB/s, 989 TFLOP/s dense bf16, 1979 FP8), and
@@ -112,6 +114,13 @@ def _fp8_layer(weight: torch.Tensor, mode: str = "unfused") -> Callable[[torch.T
     return forward
 
 
+def _as_linear(weight: torch.Tensor) -> torch.nn.Linear:
+    """A bias-free ``nn.Linear`` holding ``weight`` (no copy)."""
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return lin
+
+
 def build_variants(shapes: list[tuple[int, int]], layers: int, group_size: int) -> dict[str, tuple[list, int, str]]:
     """``name -> (per-layer callables [qkv, o, gate_up, down], weight bytes, note)`` on CUDA."""
     from servinglab import impl
@@ -130,9 +139,7 @@ def build_variants(shapes: list[tuple[int, int]], layers: int, group_size: int) 
         for layer in dense:
             row = []
             for w in layer:
-                lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-                lin.weight = torch.nn.Parameter(w, requires_grad=False)
-                row.append(quant_cls.from_linear(lin, method, group_size))
+                row.append(quant_cls.from_linear(_as_linear(w), method, group_size))
             mods.append(row)
         size = sum(m.weight_nbytes() for row in mods for m in row)
         name = method if method == "int8" else f"int4 g{group_size}"
@@ -145,6 +152,13 @@ def build_variants(shapes: list[tuple[int, int]], layers: int, group_size: int) 
         variants["torchao int8"] = ([[m for m in row] for row in mods], nbytes // 2, "Int8WeightOnlyConfig, eager")
     except Exception as exc:  # noqa: BLE001 - reported in the table, never fatal
         variants["torchao int8"] = ([], 0, f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+    if torch.cuda.get_device_capability() >= (8, 9):  # what the engine runs for quantization="fp8"
+        from servinglab.model.fp8_linear import Fp8Linear, fp8_linear
+
+        mods = [[Fp8Linear.from_linear(_as_linear(w)) for w in layer] for layer in dense]
+        variants["fp8 engine"] = ([[(lambda x, m=m: fp8_linear(m, x)) for m in row] for row in mods],
+                                  sum(m.weight_nbytes() for row in mods for m in row),
+                                  "quantization='fp8' (servinglab.model.fp8_linear): weight-only GEMV at M = 1, fused W8A8 above")
     for mode, note in FP8_MODES.items():
         name = "fp8 (scaled_mm)" if mode == "unfused" else f"fp8 {mode}"
         if torch.cuda.get_device_capability() >= (8, 9):

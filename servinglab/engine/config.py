@@ -52,9 +52,12 @@ class EngineConfig:
             ``p`` contiguous stages on ``p`` ranks (``tensor_parallel_size x p`` ranks in all), with ``p``
             micro-batches in flight, one per virtual engine, each with ``1/p`` of the KV blocks. See
             :mod:`servinglab.engine.pp_driver`.
-        quantization: weight-only quantization of the decoder's projections (vLLM's name;
-            Part 8): ``None`` (default), ``"int8"`` (per output channel) or ``"int4"``
-            (group-wise); the embedding / LM head stay in ``dtype``. See :mod:`servinglab.model.quant`.
+        quantization: quantization of the decoder's projections (vLLM's name; Part 8):
+            ``None`` (default), ``"int8"`` (per output channel) or ``"int4"`` (group-wise),
+            weight-only; or ``"fp8"`` (e4m3 weights per channel, per-token e4m3 activations
+            from two rows up; CUDA with compute capability >= 8.9 and bfloat16 only, see
+            :mod:`servinglab.model.fp8_linear`); the embedding / LM head stay in ``dtype``.
+            See :mod:`servinglab.model.quant`.
         preemption_mode: how a sequence preempted for lack of KV blocks gives them back
             (vLLM's name): ``"recompute"`` (default; its K/V are recomputed when it resumes)
             or ``"swap"`` (copied to a host pool and back). See :mod:`solutions.preemption`.
@@ -121,6 +124,11 @@ class EngineConfig:
             raise ValueError("speculative_config is not supported with tensor_parallel_size > 1")
         if tp > 1 and self.quantization is not None:
             raise ValueError("quantization is not supported with tensor_parallel_size > 1")
+        if self.quantization == "fp8":
+            from servinglab.model.fp8_linear import fp8_unsupported_reason
+
+            if reason := fp8_unsupported_reason(self.torch_device, self.torch_dtype):
+                raise ValueError(reason)
         pp = self.pipeline_parallel_size
         if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
             raise ValueError(f"pipeline_parallel_size must be a positive integer, got {pp!r}")

@@ -26,6 +26,7 @@ import torch
 from servinglab.interfaces import AttentionMetadata
 from servinglab.model import attention_backend
 from servinglab.model.llama import KVCache, LlamaForCausalLM, rope_theta_of
+from servinglab.model.fp8_linear import fp8_linear
 from servinglab.model.quant_gemm import is_quantized, quant_linear
 from servinglab.model.triton.interpret import interpreting
 from servinglab.model.triton.rmsnorm import rms_norm
@@ -50,6 +51,8 @@ def project(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if is_quantized(layer):
         return quant_linear(layer, x)
+    if getattr(layer, "method", None) == "fp8":  # quantization="fp8" (servinglab.model.fp8_linear)
+        return fp8_linear(layer, x)
     return small_gemm(x, layer.weight) if _small(layer, x) else layer(x)
 
 

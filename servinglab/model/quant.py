@@ -25,6 +25,7 @@ INT4 groups must divide every projection's input width: SmolLM2's are 576 (hidde
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 
 from servinglab import impl
 
-QUANT_METHODS = ("int8", "int4")
+QUANT_METHODS = ("int8", "int4", "fp8")  # fp8: servinglab.model.fp8_linear (CUDA, compute capability >= 8.9)
 INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64  # divides both of SmolLM2's input widths (576 and 1536)
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -68,33 +69,35 @@ def _row_slice(linear: nn.Linear, start: int, stop: int, device: torch.device | 
     return part
 
 
-def _quantize_linear(quant_linear: type, linear: nn.Linear, method: str, group_size: int,
+def _quantize_linear(quantize: Callable[[nn.Linear], nn.Module], join: Callable[..., nn.Module], linear: nn.Linear,
                      device: torch.device | str | None) -> nn.Module:
-    """``quant_linear.from_linear`` of ``linear``; onto ``device`` a block of rows at a time.
+    """``quantize(linear)``; onto ``device`` a block of rows at a time.
 
-    Both formats quantize each output row on its own (INT8 one scale a row, INT4 groups
-    within a row), so quantizing row blocks and concatenating the codes and scales gives
-    the same module; the GPU then holds one block's float32 temporaries, not a layer's.
+    Every format here quantizes each output row on its own (INT8 and FP8 one scale a row,
+    INT4 groups within a row), so quantizing row blocks and concatenating the codes and
+    scales (``join(first_block, codes, scales, bias)``) gives the same module; the GPU then
+    holds one block's float32 temporaries, not a layer's.
     """
     if device is None:
-        return quant_linear.from_linear(linear, method, group_size)
+        return quantize(linear)
     rows = max(1, CHUNK_ELEMENTS // linear.in_features)
-    parts = [quant_linear.from_linear(_row_slice(linear, i, min(i + rows, linear.out_features), device), method, group_size)
+    parts = [quantize(_row_slice(linear, i, min(i + rows, linear.out_features), device))
              for i in range(0, linear.out_features, rows)]
     if len(parts) == 1:
         return parts[0]
     bias = None if linear.bias is None else linear.bias.detach().to(device)
-    return quant_linear(linear.in_features, linear.out_features, parts[0].method, parts[0].group_size,
-                        torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), bias)
+    return join(parts[0], torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), bias)
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE, device: torch.device | str | None = None) -> int:
-    """Replace each decoder projection of ``model`` by the implementation's ``QuantLinear``, in place.
+    """Replace each decoder projection of ``model`` by a quantized layer, in place.
 
     Args:
         model: a :class:`~servinglab.model.llama.LlamaForCausalLM` with its weights loaded
             (any device; the codes land where the weights are).
-        method: ``"int8"`` (per output channel) or ``"int4"`` (group-wise).
+        method: ``"int8"`` (per output channel), ``"int4"`` (group-wise), both the
+            implementation's ``QuantLinear``; or ``"fp8"`` (e4m3 per output channel, the
+            project's :class:`~servinglab.model.fp8_linear.Fp8Linear`).
         group_size: INT4 group (32, 64 or 128); it must divide every projection's
             input width. Ignored for INT8.
         device: where the codes go (default: where each weight is). A CPU model
@@ -118,10 +121,18 @@ def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROU
                 f"quantization_group_size={group_size} must divide every projection's input width; "
                 f"{bad} are not multiples of it (sizes that fit this model: {fits})"
             )
-    quant_linear = impl.load_part("quantization").QuantLinear
+    if method == "fp8":  # the project's e4m3 layer, not a student part (servinglab.model.fp8_linear)
+        from servinglab.model.fp8_linear import Fp8Linear
+
+        quantize = Fp8Linear.from_linear
+        join = lambda first, q, s, bias: Fp8Linear(first.in_features, q.shape[0], q, s, bias)  # noqa: E731
+    else:
+        quant_linear = impl.load_part("quantization").QuantLinear
+        quantize = lambda lin: quant_linear.from_linear(lin, method, group_size)  # noqa: E731
+        join = lambda first, q, s, bias: quant_linear(first.in_features, q.shape[0], first.method, first.group_size, q, s, bias)  # noqa: E731
     with torch.no_grad():
         for parent, name, linear in targets:
-            setattr(parent, name, _quantize_linear(quant_linear, linear, method, group_size, device))
+            setattr(parent, name, _quantize_linear(quantize, join, linear, device))
     return len(targets)
 
 

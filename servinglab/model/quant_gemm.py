@@ -56,7 +56,8 @@ def candidates(m: int, n: int, k: int, group_size: int | None) -> list[dict[str,
             split = max(1, min(programs // tiles, k // (2 * block_k)))
             out.append(dict(block_m=16, block_n=block_n, block_k=block_k, split_k=split, num_warps=4, num_stages=stages))
         if m == 1:  # the tensor-core-free GEMV (servinglab.model.triton.quant_gemv); INT4 also with one scale per group
-            for block_n, block_k in ((32, 256), (16, 512), (64, 128)):
+            shapes = [(bn, bk) for bn, bk in ((32, 256), (16, 512), (64, 128)) if k % bk == 0]
+            for block_n, block_k in shapes or [(32, 64), (64, 32)]:  # e.g. K = 576 (SmolLM2-135M): 64 | K
                 if k % block_k == 0:
                     split = max(1, min(528 // triton.cdiv(n, block_n), k // (2 * block_k)))
                     out.append(dict(kernel=1, block_n=block_n, block_k=block_k, split_k=split, num_warps=4, num_stages=3))
@@ -81,22 +82,25 @@ def tuned_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, g
     kernel = impl.load_part("quant_gemm_triton")
     m, k = x.shape
     n = qweight.shape[0]
-    key = (impl.current_impl(), x.dtype, group_size, n, k, row_bucket(m))
+    key = (impl.current_impl(), x.dtype, qweight.dtype, group_size, n, k, row_bucket(m))
     if key in _tuned:
         return _tuned[key]
+    # e4m3 codes (servinglab.model.fp8_linear) take the one-row GEMV only: Part 8b's kernel is INT8/INT4.
+    fp8 = qweight.dtype == torch.float8_e4m3fn
+    choices = [cfg for cfg in candidates(m, n, k, group_size) if cfg.get("kernel") or not fp8]
     if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing() or os.environ.get("SERVINGLAB_QUANT_TUNE", "1") == "0":
-        return kernel.default_config(m, n, k, group_size)
+        return choices[0] if fp8 else kernel.default_config(m, n, k, group_size)
     from triton.testing import do_bench
 
     best, best_ms = None, float("inf")
-    for cfg in candidates(m, n, k, group_size):
+    for cfg in choices:
         try:
             ms = do_bench(lambda: _launch(x, qweight, scales, group_size, cfg), warmup=5, rep=15)
         except Exception:  # noqa: BLE001 - a candidate that does not compile or fit (shared memory) is skipped
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    _tuned[key] = best or kernel.default_config(m, n, k, group_size)
+    _tuned[key] = best or (choices[0] if fp8 else kernel.default_config(m, n, k, group_size))
     return _tuned[key]
 
 

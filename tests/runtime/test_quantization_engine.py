@@ -97,7 +97,7 @@ def test_cpu_int8pack_for_bfloat16_only():
 def test_bad_quantization_settings_name_the_parameter(tiny):
     config, _ = tiny
     with pytest.raises(ValueError, match="quantization must be one of"):
-        EngineConfig(quantization="fp8")
+        EngineConfig(quantization="nf4")
     with pytest.raises(ValueError, match="quantization_group_size must be one of"):
         EngineConfig(quantization="int4", quantization_group_size=48)
     model = random_model(config, seed=0)
