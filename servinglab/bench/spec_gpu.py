@@ -8,7 +8,10 @@ acceptance is then ``alpha`` per position and a verification emits
 ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens on average: exactly the i.i.d. model of
 Leviathan et al. (ICML 2023), whose predicted speedup is that number divided by the
 measured cost ratio ``v`` = (speculative decode step) / (plain decode step) (drafting
-costs nothing here: ``c = 0``). Greedy, ``ignore_eos``, same prompts, the plain and
+costs nothing here: ``c = 0``). Every rate is a *decode* rate: each engine's prefill-only
+time (the same prompts, one output token) is subtracted from its runs, as TPOT excludes
+TTFT; at batch 1 a 128-token run of a 1 ms step is short enough that the prefill and the
+call's fixed cost would otherwise pull every ratio toward 1. Greedy, ``ignore_eos``, same prompts, the plain and
 speculative engines in one process; each speculative configuration runs twice: with the
 per-step rule off (forced, the raw curve) and on (what a user gets).
 Also the n-gram proposer (``k = 4``) on the same prompts (random models tend to repeat themselves).
@@ -88,6 +91,12 @@ def _timed(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[
     return time.perf_counter() - start, [o.outputs[0].token_ids for o in outs], llm.engine.num_steps - steps
 
 
+def _prefill_s(llm, prompts: list[list[int]]) -> float:
+    """Best of three runs of the prompts alone (one output token: the prefill step), subtracted
+    from every timed run so a row compares decoding, not the prefill both engines share."""
+    return min(_timed(llm, prompts, 1)[0] for _ in range(3))
+
+
 def run_model(name: str, out_len: int, prompt_len: int, batches: tuple[int, ...], alphas: tuple[float, ...],
               ks: tuple[int, ...], seed: int = 0) -> list[GpuSpecRow]:
     """Every (batch, k, alpha) on one random-weight config; the engines are built once per k."""
@@ -108,16 +117,17 @@ def run_model(name: str, out_len: int, prompt_len: int, batches: tuple[int, ...]
     plain = LLM(**common, async_scheduling=False)
     overlap = LLM(**common, async_scheduling=True)
     _timed(overlap, prompts[:1], 8)
-    overlap_base = {b: min(_timed(overlap, prompts[:b], out_len)[0] for _ in range(2)) for b in batches}
+    overlap_base = {b: min(_timed(overlap, prompts[:b], out_len)[0] for _ in range(2)) - _prefill_s(overlap, prompts[:b])
+                    for b in batches}
     del overlap
     proposer = ControlledProposer(prompt_len, config.vocab_size, seed)
     _timed(plain, prompts[:1], 8)  # warm-up
     base: dict[int, float] = {}  # batch -> best plain seconds
     refs: dict[int, dict[tuple[int, ...], list[int]]] = {}  # batch -> what greedy decoding gives at that batch size
+    prefill: dict[int, float] = {}  # batch -> the plain engine's prefill-only seconds
     for b in batches:
-        runs = [_timed(plain, prompts[:b], out_len) for _ in range(2)]
-        best = min(r[0] for r in runs)
-        base[b] = best
+        prefill[b] = _prefill_s(plain, prompts[:b])
+        base[b] = min(_timed(plain, prompts[:b], out_len)[0] for _ in range(2)) - prefill[b]
         _, conts, _ = _timed(plain, prompts[:b], out_len + max(ks) + 2)
         refs[b] = {tuple(p): c for p, c in zip(prompts[:b], conts)}
     rows: list[GpuSpecRow] = []
@@ -131,21 +141,22 @@ def run_model(name: str, out_len: int, prompt_len: int, batches: tuple[int, ...]
         for b in batches:
             proposer.references = refs[b]
             _timed(llm, prompts[:b], 8)  # warm-up at this batch size (forced: verification steps too)
+            spec_prefill = _prefill_s(llm, prompts[:b])
             for alpha in (alphas if label == "controlled" else (None,)):
                 proposer.alpha, proposer.diverged = (alpha if alpha is not None else 1.0), set()
                 # Plain timed again next to each row (the GPU's clocks drift over a long grid);
                 # every time is the best of its runs.
-                plain_s = min(base[b], _timed(plain, prompts[:b], out_len)[0])
+                plain_s = min(base[b], _timed(plain, prompts[:b], out_len)[0] - prefill[b])
                 policy.adaptive = False
                 dec.stats.__init__(k)
-                forced_s = min(_timed(llm, prompts[:b], out_len)[0] for _ in range(REPEATS))
+                forced_s = min(_timed(llm, prompts[:b], out_len)[0] for _ in range(REPEATS)) - spec_prefill
                 st = dec.stats
                 acc, tps = st.acceptance_rate, st.mean_tokens_per_step
                 policy.adaptive = True
                 n_spec, n_plain = policy.num_spec_steps, policy.num_plain_steps
-                rule_s = min(_timed(llm, prompts[:b], out_len)[0] for _ in range(REPEATS))
+                rule_s = min(_timed(llm, prompts[:b], out_len)[0] for _ in range(REPEATS)) - spec_prefill
                 spec_share = (policy.num_spec_steps - n_spec) / max(policy.num_spec_steps - n_spec + policy.num_plain_steps - n_plain, 1)
-                tokens = b * out_len
+                tokens = b * (out_len - 1)  # decoded tokens: the first comes from the prefill step
                 rows.append(GpuSpecRow(name, label, b, k, alpha, tokens / plain_s, tokens / forced_s, tokens / rule_s, acc, tps,
                                        None, None, spec_share, len(proposer.diverged), tokens / overlap_base[b]))
                 add_prediction(rows)
