@@ -3,7 +3,8 @@
 Everywhere: the codes and scales follow the definition (each row's largest weight lands
 on 448; every weight within half an e4m3 step), the engine refuses a device or dtype that
 cannot run it, naming the parameter, and quantizing onto a device in row blocks gives the
-same module. On a GPU with FP8 (compute capability >= 8.9): one row takes the weight-only
+same module, and the one-row route (the GEMV on e4m3 codes) equals the dequantized product
+(through Triton's interpreter on a CPU). On a GPU with FP8 (compute capability >= 8.9): one row takes the weight-only
 GEMV and equals the dequantized product; more rows take per-token W8A8 ``_scaled_mm`` and
 equal the product of the quantized operands; an engine's decode steps replay CUDA graphs
 with the eager tokens, and its projections hold one byte a weight.
@@ -72,6 +73,25 @@ def test_row_blocks_give_the_same_fp8_module():
     assert a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
     wb = weight_bytes(whole)
     assert wb.dense_linear == 0 and wb.quantized == sum(m.weight_nbytes() for m in whole.modules() if isinstance(m, Fp8Linear))
+
+
+@pytest.mark.parametrize("n,split_k", [(96, 1), (40, 3)])
+def test_one_row_route_is_the_gemv_on_e4m3_codes(n, split_k):
+    """Everywhere (Triton's interpreter on a CPU), float32: the one-row GEMV reads the e4m3 codes
+    as they are (rows past N masked, split-K merged) and equals the dequantized product."""
+    from servinglab.model.fp8_linear import fp8_linear
+    from servinglab.model.triton.quant_gemv import quant_gemv
+
+    device = "cuda" if FP8_GPU else "cpu"
+    layer = Fp8Linear.from_linear(_linear(n=n, k=576, seed=1)).to(device)
+    x = torch.randn(1, 576, generator=torch.Generator().manual_seed(2)).to(device)
+    expected = x.double() @ layer.dequantized_weight().double().T
+    counters = torch.zeros(8, dtype=torch.int32, device=device)
+    out = quant_gemv(x, layer.qweight, layer.scales, None, counters, block_n=16, block_k=64, split_k=split_k)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
+    assert int(counters.abs().sum()) == 0
+    # the route the engine takes for one row (on a CPU the tuner's first GEMV choice, no timing)
+    torch.testing.assert_close(fp8_linear(layer, x).double(), expected, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""One activation row times INT8 / INT4 codes, without tensor cores (the batch-1 decode product).
+"""One activation row times INT8 / INT4 (or e4m3) codes, without tensor cores (the batch-1 decode product).
 
 At ``M = 1`` a ``tl.dot`` tile pads the row to 16 and routes the codes through the
 tensor cores' operand layouts; a matrix-vector product needs neither. Each program
@@ -74,7 +74,9 @@ def _quant_gemv_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
-            q = tl.load(rows + (k0 + offs_k)[None, :], mask=n_mask[:, None], other=0).to(tl.float32)
+            # No ``other``: an integer fill cannot be cast to e4m3 codes (quantization="fp8"), and rows past N
+            # only feed their own, never stored, outputs.
+            q = tl.load(rows + (k0 + offs_k)[None, :], mask=n_mask[:, None]).to(tl.float32)
             x = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
             acc += q * x[None, :]
         total = tl.sum(acc, 1) * tl.load(scales_ptr + offs_n, mask=n_mask, other=0.0)
