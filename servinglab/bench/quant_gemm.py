@@ -92,11 +92,11 @@ def _fp8_layer(weight: torch.Tensor, mode: str = "unfused") -> Callable[[torch.T
 
     ``mode`` (:data:`FP8_MODES`) says how the activation gets to e4m3 inside the step.
     """
+    from servinglab.model.fp8_linear import Fp8Linear
     from servinglab.model.triton.fp8_quant import E4M3_MAX as fmax, quantize_rows_fp8
 
-    w_scale = weight.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / fmax  # [N, 1]
-    w8 = (weight.float() / w_scale).to(torch.float8_e4m3fn)
-    scale_b = w_scale.t().contiguous()  # [1, N]
+    layer = Fp8Linear.from_linear(_as_linear(weight))  # the engine's e4m3 codes and per-channel scales
+    w8, scale_b = layer.qweight, layer.scales[None, :]  # scale_b: [1, N]
     fixed: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # "gemm only": one quantized input per shape
 
     def forward(x: torch.Tensor) -> torch.Tensor:
