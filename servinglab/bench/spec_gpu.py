@@ -14,7 +14,11 @@ TTFT; at batch 1 a 128-token run of a 1 ms step is short enough that the prefill
 call's fixed cost would otherwise pull every ratio toward 1. Greedy, ``ignore_eos``, same prompts, the plain and
 speculative engines in one process; each speculative configuration runs twice: with the
 per-step rule off (forced, the raw curve) and on (what a user gets).
-Also the n-gram proposer (``k = 4``) on the same prompts (random models tend to repeat themselves).
+Also the n-gram proposer (``k = 4``) on the same prompts (random models tend to repeat themselves),
+and the early-exit draft (``method="draft"``, its default quarter of the layers, ``k = 4``), whose
+acceptance on random weights means nothing but whose cost is real: its column ``c`` is one
+draft step's time in plain steps (Leviathan's ``c``), so ``E(a) / (v + k c)`` predicts its
+speedup at the acceptance ``a`` a real model measures (``scripts/draft_model_study.py``).
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class GpuSpecRow:
     spec_steps_share: float  # share of decode steps the rule speculated in
     diverged: int = 0
     overlap_tps: float | None = None  # plain decoding with overlap scheduling (the CUDA default; speculation runs without it)
+    c: float | None = None  # one draft step / one plain step (the early exit's Leviathan c)
 
 
 def _timed(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]], int]:
@@ -133,6 +138,7 @@ def run_model(name: str, out_len: int, prompt_len: int, batches: tuple[int, ...]
     rows: list[GpuSpecRow] = []
     configs = [("controlled", k, {"method": "custom", "num_speculative_tokens": k, "proposer": proposer}) for k in ks]
     configs.append(("ngram", 4, {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}))
+    configs.append((f"early exit L={max(1, config.num_hidden_layers // 4)}", 4, {"method": "draft", "num_speculative_tokens": 4}))
     for label, k, spec in configs:
         llm = LLM(**common, speculative_config={**spec, "adaptive": False})
         policy, dec = llm.engine.spec_decoder.policy, llm.engine.spec_decoder
@@ -182,6 +188,9 @@ def add_prediction(rows: list[GpuSpecRow]) -> None:
         r.v = zero.get((r.model, r.batch, r.k))
         if r.v is None:
             continue
+        if r.proposer.startswith("early exit"):  # a forced step = one verification + k draft steps, in plain steps
+            r.c = max(0.0, (r.tokens_per_step * r.plain_tps / r.forced_tps - r.v) / r.k)
+            continue
         a = r.alpha
         expected = r.tokens_per_step if a is None else (r.k + 1.0 if a >= 1 else (1 - a ** (r.k + 1)) / (1 - a))
         r.predicted = expected / r.v
@@ -191,12 +200,13 @@ def table(rows: list[GpuSpecRow]) -> str:
     """Markdown table: speedups against the plain CUDA-graph engine in the same (synchronous) loop, forced and with
     the per-step rule; the last ratio is the rule against plain decoding with overlap scheduling."""
     lines = ["| model | proposer | batch | k | alpha | plain tok/s | forced tok/s | forced x | rule x | rule spec steps | "
-             "acceptance | tokens/step | v | Leviathan x | diverged | rule x vs overlap plain |", "|" + " --- |" * 16]
+             "acceptance | tokens/step | v | c | Leviathan x | diverged | rule x vs overlap plain |", "|" + " --- |" * 17]
     for r in rows:
         vs_overlap = "-" if r.overlap_tps is None else f"{r.rule_tps / r.overlap_tps:.2f}"
         lines.append(f"| {r.model} | {r.proposer} | {r.batch} | {r.k} | {'-' if r.alpha is None else f'{r.alpha:g}'} | "
                      f"{r.plain_tps:.0f} | {r.forced_tps:.0f} | {r.forced_tps / r.plain_tps:.2f} | {r.rule_tps / r.plain_tps:.2f} | "
                      f"{r.spec_steps_share:.0%} | {r.acceptance:.2f} | {r.tokens_per_step:.2f} | {'-' if r.v is None else f'{r.v:.2f}'} | "
+                     f"{'-' if r.c is None else f'{r.c:.3f}'} | "
                      f"{'-' if r.predicted is None else f'{r.predicted:.2f}'} | {r.diverged} | {vs_overlap} |")
     return "\n".join(lines)
 

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from servinglab.engine.config import EngineConfig
+from servinglab.engine.draft_model import early_exit_layers
+from servinglab.engine.draft_runner import DeviceDrafts, EarlyExitDrafter
 from servinglab.engine.runner import ModelRunner
 from servinglab.engine.step_protocol import TokenPatch
 from servinglab.interfaces import SchedulerOutput
@@ -103,12 +105,15 @@ class CudaModelRunner(ModelRunner):
             runner also captures verification steps of ``1 + k`` rows per sequence.
         capture_sizes: batch sizes to capture (default: vLLM's, up to ``max_num_seqs``;
             ``EngineConfig.extra["cuda_graph_sizes"]``, vLLM's ``cuda_graph_sizes``).
+        draft_num_layers: ``L`` of an early-exit draft (the ``draft`` method without a
+            model of its own; 0: none): the runner also captures the first ``L`` layers'
+            decode step (:class:`~servinglab.engine.draft_runner.EarlyExitDrafter`).
     """
 
     def __init__(
         self, model: LlamaForCausalLM, kv_caches: list[KVCache], block_size: int, device: torch.device | str,
         max_num_seqs: int, max_model_len: int, enforce_eager: bool = False, num_speculative_tokens: int = 0,
-        capture_sizes: list[int] | None = None,
+        capture_sizes: list[int] | None = None, draft_num_layers: int = 0,
     ) -> None:
         super().__init__(model, kv_caches, block_size, device)
         from servinglab.model.gpu_ops import enable_gpu_kernels  # imports Triton: CUDA only
@@ -142,6 +147,10 @@ class CudaModelRunner(ModelRunner):
                                                  query_len=q, pool=self.graphs.pool)
             if not enforce_eager:
                 self.verify_graphs.capture()
+        self.drafter: EarlyExitDrafter | None = None
+        if num_speculative_tokens > 0 and draft_num_layers > 0:
+            self.drafter = EarlyExitDrafter(model, kv_caches, draft_num_layers, num_speculative_tokens, block_size, max_num_seqs,
+                                            max_model_len, capture_sizes, list(CONTEXT_BUCKETS), self.graphs.pool, enforce_eager)
 
     def upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """One pinned buffer, one non-blocking copy (see :class:`PinnedUploader`)."""
@@ -238,9 +247,12 @@ class CudaModelRunner(ModelRunner):
             longest = max(longest, p + q)
         return n, size, longest, num_drafts
 
-    def execute_verify(self, out: SchedulerOutput, block_tables: dict[int, list[int]], num_draft_tokens: Mapping[int, int]
-                       ) -> tuple[list[Sequence], torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def execute_verify(self, out: SchedulerOutput, block_tables: dict[int, list[int]], num_draft_tokens: Mapping[int, int],
+                       drafted: DeviceDrafts | None = None) -> tuple[list[Sequence], torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """A verification step as one graph replay, or ``None`` when it must take :meth:`execute_speculative`.
+
+        ``drafted``: drafts still on the device (the early exit's); they are written over the
+        placeholders in the graph's inputs there, after the upload.
 
         Returns:
             ``(seqs, logits [n, 1 + k, V] float32, draft ids [n, k] int64, drafts per sequence [n] int64)``,
@@ -251,13 +263,18 @@ class CudaModelRunner(ModelRunner):
         if step is None:
             return None
         n, size, longest, num_drafts = step
-        graphs = self.verify_graphs
-        self.copy_blocks(out.block_copies)
+        graphs, q = self.verify_graphs, self.verify_graphs.query_len
+        self.copy_blocks(out.block_copies)  # (a second time after the drafter's: the same copy, then rewritten)
+        arrays = {"num_drafts": num_drafts}
+        if drafted is not None:  # lane v's draft j is input row v * q + 1 + j
+            arrays["rows"] = (np.asarray(drafted.verify_lanes, dtype=np.int64)[:, None] * q + np.arange(1, q)).reshape(-1)
+        uploaded = self.upload(arrays)
         with torch.inference_mode():
-            hidden = graphs.replay(n, size, longest)
-            logits = self.model.compute_logits(hidden).view(n, graphs.query_len, -1)
-            ids = graphs.static[: n * graphs.query_len].view(n, graphs.query_len)[:, 1:].long()
-        counts = self.upload({"num_drafts": num_drafts})["num_drafts"]
+            patch = None if drafted is None else (uploaded["rows"], drafted.tokens[:, : q - 1].reshape(-1))
+            hidden = graphs.replay(n, size, longest, patch=patch)
+            logits = self.model.compute_logits(hidden).view(n, q, -1)
+            ids = graphs.static[: n * q].view(n, q)[:, 1:].long()
+        counts = uploaded["num_drafts"]
         self.num_verify_steps += 1
         self.num_verify_graph_steps += graphs.captured
         return [item.seq for item in out.scheduled], logits, ids, counts
@@ -271,7 +288,13 @@ def make_runner(
         spec = config.speculative_config
         k = spec.get("num_speculative_tokens", 0) if isinstance(spec, Mapping) else 0
         k = k if isinstance(k, int) and not isinstance(k, bool) else 0  # a bad value: the decoder's validation names it
+        k = k if 0 < k < MAX_DECODE_QUERY_LEN else 0
+        early_exit = k and spec.get("method") == "draft" and spec.get("model") is None
+        try:
+            layers = early_exit_layers(spec.get("draft_num_layers"), len(model.model.layers)) if early_exit else 0
+        except ValueError:
+            layers = 0  # the decoder's validation names the parameter
         return CudaModelRunner(model, kv_caches, config.block_size, device, config.max_num_seqs, max_model_len,
-                               config.enforce_eager, num_speculative_tokens=k if 0 < k < MAX_DECODE_QUERY_LEN else 0,
-                               capture_sizes=config.extra.get("cuda_graph_sizes"))
+                               config.enforce_eager, num_speculative_tokens=k, capture_sizes=config.extra.get("cuda_graph_sizes"),
+                               draft_num_layers=layers)
     return ModelRunner(model, kv_caches, config.block_size, device)

@@ -95,6 +95,18 @@ def cached_logits_fn(model: nn.Module) -> Callable[[list[int]], torch.Tensor]:
     return fn
 
 
+def early_exit_layers(value: object, total: int) -> int:
+    """The early exit's layer count: ``speculative_config["draft_num_layers"]`` (``None``: a quarter of ``total``).
+
+    Raises:
+        ValueError: naming ``draft_num_layers`` unless it is an integer in ``[1, total - 1]``.
+    """
+    layers = value if value is not None else max(1, total // 4)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers < total:
+        raise ValueError(f"speculative_config['draft_num_layers'] must be an integer in [1, {total - 1}], got {layers!r}")
+    return layers
+
+
 def draft_for_engine(cfg: SpeculativeConfig, engine: EngineHost) -> nn.Module:
     """The ``draft`` method's model: an early exit of the engine's target (weights copied once
     into transformers), or ``cfg.model`` (a folder or a transformers model of the same vocabulary)."""
@@ -112,10 +124,7 @@ def draft_for_engine(cfg: SpeculativeConfig, engine: EngineHost) -> nn.Module:
         return draft.eval()
     from servinglab.model.weights import to_transformers  # imported here: only the draft method needs it
 
-    total = engine.hf_config.num_hidden_layers
-    layers = cfg.draft_num_layers if cfg.draft_num_layers is not None else max(1, total // 4)
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers < total:
-        raise ValueError(f"speculative_config['draft_num_layers'] must be an integer in [1, {total - 1}], got {layers!r}")
+    layers = early_exit_layers(cfg.draft_num_layers, engine.hf_config.num_hidden_layers)
     hf = to_transformers(engine.model)
     hf.set_attn_implementation("sdpa")  # the oracle's eager attention is the slow path
     return build_draft_model(hf, layers)

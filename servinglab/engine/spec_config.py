@@ -128,3 +128,16 @@ class SpecDecodeStats:
     def mean_acceptance_length(self) -> float:
         """vLLM's mean acceptance length: 1 + accepted drafts per verification."""
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+
+def generate_with_speculation(llm: Any, prompts: Any, sampling_params: Any = None, use_tqdm: bool = False) -> tuple[list[Any], list[SpecDecodeStats]]:
+    """``llm.generate`` on an ``LLM`` built with ``speculative_config``, plus each request's counters.
+
+    Raises:
+        ValueError: the engine was built without ``speculative_config``.
+    """
+    decoder = getattr(llm.engine, "spec_decoder", None)
+    if decoder is None:
+        raise ValueError("generate_with_speculation needs an LLM built with speculative_config={'method': ..., 'num_speculative_tokens': k}")
+    outs = llm.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+    return outs, [decoder.request_stats.get(o.request_id, SpecDecodeStats(decoder.k)) for o in outs]

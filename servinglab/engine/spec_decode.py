@@ -17,7 +17,8 @@ and ``max_model_len``): no preemption the plain engine would not have made.
 On a GPU (:mod:`servinglab.engine.cuda_runner`) an all-decode step is one CUDA-graph replay
 of ``1 + k`` query rows per sequence; ``rejection_sample`` verifies the batch on the device
 with one device-to-host copy (:func:`servinglab.engine.spec_verify.verify_batch`); the
-n-gram proposer is an incremental index (:mod:`servinglab.engine.ngram_index`); whether a
+n-gram proposer is an incremental index (:mod:`servinglab.engine.ngram_index`) and an early-exit
+draft ``k`` graph replays of its own layers (:mod:`servinglab.engine.draft_runner`); whether a
 step speculates is :mod:`servinglab.engine.spec_policy`'s rule (never slower than plain);
 with overlap scheduling (the CUDA default) plain steps run overlapped and a speculative step
 first commits the step in flight. The decoder is the engine's step *strategy*: it sees the
@@ -37,9 +38,10 @@ from typing import Any
 import torch
 
 from servinglab.engine.draft_model import cached_logits_fn, draft_for_engine
+from servinglab.engine.draft_runner import draft_on_device
 from servinglab.engine.ngram_index import NgramIndex
 from servinglab.engine.outputs import RequestOutput
-from servinglab.engine.spec_config import SpecDecodeStats, SpeculativeConfig
+from servinglab.engine.spec_config import SpecDecodeStats, SpeculativeConfig, generate_with_speculation  # noqa: F401 (its home was here)
 from servinglab.engine.spec_policy import SpecPolicy
 from servinglab.engine.spec_verify import check_batched, verify_batch, verify_rows
 from servinglab.engine.stall import raise_if_stalled
@@ -89,7 +91,9 @@ class SpeculativeDecoder:
         if cfg.method == "ngram":
             self.ngram = self.spec.NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max, self.k)
             self.fast_ngram = on_gpu  # the incremental index proposes what the student's search would, in O(1)
-        elif cfg.method == "draft":
+        # On CUDA an early exit drafts inside the engine, k graph replays (servinglab.engine.draft_runner).
+        self.drafter = getattr(engine.runner, "drafter", None) if cfg.method == "draft" and cfg.model is None else None
+        if cfg.method == "draft" and self.drafter is None:
             self.draft_model = draft_for_engine(cfg, engine)
 
     # ------------------------------------------------------------------ proposing
@@ -135,6 +139,8 @@ class SpeculativeDecoder:
             probs = None
             if self.config.method != "draft":
                 tokens = self._draft_tokens(seq, room)
+            elif self.drafter is not None:  # placeholders reserve the slots; the early exit drafts after scheduling
+                tokens = [seq.output_token_ids[-1]] * room
             else:  # one draft KV cache per sequence, rolled back to the common prefix on each call
                 if seq.seq_id not in self._draft_lms:
                     self._draft_lms[seq.seq_id] = self.spec.DraftModelProposer(cached_logits_fn(self.draft_model), self.k)
@@ -181,8 +187,14 @@ class SpeculativeDecoder:
         was_prefill = [s.seq.seq_id not in drafts and s.seq.is_prefill for s in out.scheduled]
         bm = engine.block_manager
         counts = {i: len(d.tokens) for i, d in drafts.items()}
-        graph = engine.runner.execute_verify(out, bm.block_tables, counts) if self.graph_verify else None
+        drafted = None
+        if self.drafter is not None:
+            drafted = draft_on_device(self.drafter, out, drafts, bm.block_tables, engine.runner.slot_of,
+                                      lambda s: s.sampling_params, engine.generator_of)
+        graph = engine.runner.execute_verify(out, bm.block_tables, counts, drafted) if self.graph_verify else None
         if graph is None:
+            if drafted is not None:
+                drafted.write_back(drafts)  # the eager path reads the drafts from the sequences
             seqs, logits, num_logits = engine.runner.execute_speculative(out, bm.block_tables, counts)
             row_start = list(itertools.accumulate(num_logits, initial=0))
             first_rows = logits[row_start[:-1]] if seqs else logits
@@ -197,7 +209,8 @@ class SpeculativeDecoder:
         if graph is None:
             emitted = self._emit_rows(engine, seqs, drafts, logits, num_logits, row_start)
         else:
-            emitted = self._emit_batch(engine, seqs, drafts, logits3, draft_ids, num_drafts)
+            q = None if drafted is None else drafted.probs_for(len(seqs))
+            emitted = self._emit_batch(engine, seqs, drafts, logits3, draft_ids, num_drafts, q)
         outputs = self._commit(engine, seqs, drafts, decoding_ids, emitted, first_rows)
         engine.num_steps += 1
         if engine.record_steps:
@@ -239,10 +252,10 @@ class SpeculativeDecoder:
         return emitted
 
     def _emit_batch(self, engine: EngineHost, seqs: list[Sequence], drafts: Mapping[int, _Draft], logits: torch.Tensor,
-                    draft_ids: torch.Tensor, num_drafts: torch.Tensor) -> dict[int, tuple[list[int], int, int]]:
-        """Graph path: the whole padded batch through the student's sampler on the device."""
-        q = None
-        if self.config.method == "draft":
+                    draft_ids: torch.Tensor, num_drafts: torch.Tensor, q: torch.Tensor | None
+                    ) -> dict[int, tuple[list[int], int, int]]:
+        """Graph path: the whole padded batch through the student's sampler on the device (``q``: the early exit's)."""
+        if self.config.method == "draft" and self.drafter is None:
             q = torch.zeros(len(seqs), self.k, logits.shape[-1], device=logits.device)
             for i, seq in enumerate(seqs):
                 d = drafts.get(seq.seq_id)
@@ -286,15 +299,3 @@ class SpeculativeDecoder:
         stats.record(verified, accepted, emitted)
         self.stats.record(verified, accepted, emitted)
 
-
-def generate_with_speculation(llm: Any, prompts: Any, sampling_params: Any = None, use_tqdm: bool = False) -> tuple[list[RequestOutput], list[SpecDecodeStats]]:
-    """``llm.generate`` on an ``LLM`` built with ``speculative_config``, plus each request's counters.
-
-    Raises:
-        ValueError: the engine was built without ``speculative_config``.
-    """
-    decoder = getattr(llm.engine, "spec_decoder", None)
-    if decoder is None:
-        raise ValueError("generate_with_speculation needs an LLM built with speculative_config={'method': ..., 'num_speculative_tokens': k}")
-    outs = llm.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-    return outs, [decoder.request_stats.get(o.request_id, SpecDecodeStats(decoder.k)) for o in outs]

@@ -21,7 +21,9 @@ so every input lives in a static buffer the step copies into before the replay:
   mixed steps run eagerly.
 
 The graph holds the decoder up to the final norm; the LM head runs eagerly on the real
-rows only (``n`` rows, not the padded batch).
+rows only (``n`` rows, not the padded batch). A runner built with ``num_layers`` holds an
+early exit instead: the first ``num_layers`` layers, then the final norm (the draft model
+of self-speculative decoding, :mod:`servinglab.engine.draft_runner`).
 
 Speculative verification (``query_len = 1 + k``) is the same uniform shape with
 ``query_len`` rows per lane (the last token and up to ``k`` drafts): ids, positions and
@@ -66,12 +68,15 @@ class CUDAGraphRunner:
         context_buckets: ``max_context_len`` values to capture each size with (at most
             ``max_model_len``; default: ``max_model_len`` alone).
         query_len: query rows per lane (1: decode; ``1 + k``: speculative verification).
+        pool: a memory pool to share (the plain runner's, for the others).
+        num_layers: run only the first ``num_layers`` layers, then the final norm (the
+            early-exit draft of :mod:`servinglab.engine.draft_runner`); ``None``: all.
     """
 
     def __init__(
         self, model: LlamaForCausalLM, kv_caches: list[KVCache], max_num_seqs: int, max_blocks_per_seq: int,
         max_model_len: int, capture_sizes: list[int] | None = None, context_buckets: list[int] | None = None,
-        query_len: int = 1, pool: object | None = None,
+        query_len: int = 1, pool: object | None = None, num_layers: int | None = None,
     ) -> None:
         if query_len < 1:
             raise ValueError(f"query_len must be >= 1, got {query_len}")
@@ -97,6 +102,7 @@ class CUDAGraphRunner:
         ends = {n: self._sections[4] + n * max_blocks_per_seq for n in self.sizes}
         self._copy_spans = {n: (self.static[:e], self.host[:e]) for n, e in ends.items()}
         self.pool = pool  # a memory pool to share (the plain runner's, for the speculative one)
+        self.num_layers = num_layers
         self._reset_buffers()
 
     def _reset_buffers(self) -> None:
@@ -121,11 +127,11 @@ class CUDAGraphRunner:
         for n in reversed(self.sizes):
             for bucket in self.buckets:
                 ids, pos, metadata = self._views(n, bucket)
-                self.model(ids, pos, metadata, self.kv_caches)  # warm-up: Triton compiles, cuBLAS picks
+                self.model(ids, pos, metadata, self.kv_caches, self.num_layers)  # warm-up: Triton compiles, cuBLAS picks
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self.outputs[n, bucket] = self.model(ids, pos, metadata, self.kv_caches)
+                    self.outputs[n, bucket] = self.model(ids, pos, metadata, self.kv_caches, self.num_layers)
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[n, bucket] = graph
@@ -178,7 +184,7 @@ class CUDAGraphRunner:
         if graph is None:  # not captured (enforce_eager): the same padded step, launched eagerly
             with torch.inference_mode():
                 ids_v, pos_v, metadata = self._views(size, bucket)
-                return self.model(ids_v, pos_v, metadata, self.kv_caches)[: n * q]
+                return self.model(ids_v, pos_v, metadata, self.kv_caches, self.num_layers)[: n * q]
         graph.replay()
         return self.outputs[size, bucket][: n * q]
 

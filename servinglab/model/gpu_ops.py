@@ -78,9 +78,13 @@ class FusedForward:
         self.cos, self.sin = rope_cos_sin_cache(self.head_dim, rope_theta_of(config), max_pos, device)
 
     def __call__(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata, kv_caches: list[KVCache]
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata, kv_caches: list[KVCache],
+        num_layers: int | None = None,
     ) -> torch.Tensor:
+        """The hidden states after the final norm; ``num_layers``: an early exit after that many layers."""
         layers = self.model.model.layers
+        if num_layers is not None:  # (slicing a ModuleList builds a new one: not on every plain step)
+            layers = layers[:num_layers]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         residual = self.model.model.embed_tokens(input_ids)
         first_norm = layers[0].input_layernorm

@@ -241,6 +241,7 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         metadata: AttentionMetadata,
         kv_caches: list[KVCache],
+        num_layers: int | None = None,
     ) -> torch.Tensor:
         """Run the decoder over ``T`` new tokens of a flattened batch.
 
@@ -249,17 +250,22 @@ class LlamaForCausalLM(nn.Module):
             positions: ``[T]`` int64, each token's position in its own sequence (RoPE angle).
             metadata: slot mapping, block tables and lengths for Part 3.
             kv_caches: one ``(k_cache, v_cache)`` per layer; this step's K/V are written in.
+            num_layers: run only the first ``num_layers`` decoder layers, then the final norm
+                (an *early exit*, the draft of self-speculative decoding: its K/V for those
+                layers are the target's own, written into the same caches); ``None``: all.
 
         Returns:
             ``[T, hidden]`` hidden states after the final norm.
         """
         if len(kv_caches) != len(self.model.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model has {len(self.model.layers)}")
+        if num_layers is not None and not 1 <= num_layers <= len(self.model.layers):
+            raise ValueError(f"num_layers must be in [1, {len(self.model.layers)}] or None, got {num_layers!r}")
         if self._fused_forward is not None:
-            return self._fused_forward(input_ids, positions, metadata, kv_caches)
+            return self._fused_forward(input_ids, positions, metadata, kv_caches, num_layers)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions, x.dtype)  # shared by every layer
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
+        for layer, kv_cache in zip(self.model.layers[:num_layers], kv_caches):
             x = layer(x, cos, sin, metadata, kv_cache)
         return self.model.norm(x)
 

@@ -70,7 +70,7 @@ SPECS = {
     "ngram": lambda prompts, plain: {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False},
     "oracle": lambda prompts, plain: {"method": "custom", "num_speculative_tokens": 3, "adaptive": False,
                                       "proposer": OracleProposer({tuple(p): r for p, r in zip(prompts, plain)}, 3)},
-    # the early-exit draft runs in transformers on the engine's device (cached_logits_fn moves its inputs there)
+    # the early exit drafts inside the engine: its k steps replay graphs of its 2 layers (draft_runner.py)
     "draft": lambda prompts, plain: {"method": "draft", "num_speculative_tokens": 3, "draft_num_layers": 2, "adaptive": False},
 }
 
@@ -83,6 +83,7 @@ def test_gpu_greedy_speculation_is_plain_greedy_in_float32(name):
     stats = llm.engine.spec_decoder.stats
     if name == "draft":  # a random model's early exit may agree with the full model rarely or never
         assert stats.num_draft_tokens > 0
+        assert llm.engine.runner.drafter.num_graph_steps > 0 and not hasattr(llm.engine.spec_decoder, "draft_model")
     else:
         assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
