@@ -10,8 +10,11 @@ For one row (batch-1 decode) the candidates also include a GEMV without tensor c
 (:mod:`servinglab.model.triton.quant_gemv`). The launch configuration (kernel, tile
 sizes, split-K count, warps, pipeline stages) is picked
 per ``(format, N, K, row bucket)`` the first time a shape is seen, by timing a handful
-of candidates with ``triton.testing.do_bench`` (what ``triton.autotune`` does, but with
-the split-K count among the choices and the workspace sized to it). The engine's CUDA
+of candidates (what ``triton.autotune`` does, but with the split-K count among the
+choices and the workspace sized to it). Each timed run starts from a cold L2 cache, as a
+layer's weights are in a decode step; the buffer written to evict it is twice the L2
+size, not ``triton.testing.do_bench``'s fixed 256 MB, which would show up in the peak
+memory of a quantized model whose whole point is its footprint. The engine's CUDA
 graph runner runs every captured batch size once before capturing it, so tuning happens
 there, never inside a capture (a shape first seen during capture takes
 ``default_config``). ``SERVINGLAB_QUANT_TUNE=0`` skips the timing (default configs).
@@ -90,18 +93,36 @@ def tuned_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, g
     choices = [cfg for cfg in candidates(m, n, k, group_size) if cfg.get("kernel") or not fp8]
     if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing() or os.environ.get("SERVINGLAB_QUANT_TUNE", "1") == "0":
         return choices[0] if fp8 else kernel.default_config(m, n, k, group_size)
-    from triton.testing import do_bench
-
     best, best_ms = None, float("inf")
+    flush = torch.empty(2 * _l2_bytes(x.device), dtype=torch.int8, device=x.device)
     for cfg in choices:
         try:
-            ms = do_bench(lambda: _launch(x, qweight, scales, group_size, cfg), warmup=5, rep=15)
+            ms = _cold_ms(lambda: _launch(x, qweight, scales, group_size, cfg), flush)
         except Exception:  # noqa: BLE001 - a candidate that does not compile or fit (shared memory) is skipped
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
     _tuned[key] = best or (choices[0] if fp8 else kernel.default_config(m, n, k, group_size))
     return _tuned[key]
+
+
+def _l2_bytes(device: torch.device) -> int:
+    """The GPU's L2 cache size (50 MB on an H100, 60 MB on an H200; 64 MiB if torch does not say)."""
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20)
+
+
+def _cold_ms(fn, flush: torch.Tensor, warmup: int = 5, reps: int = 15) -> float:
+    """Median milliseconds of ``fn`` on the current stream, the L2 cache evicted (``flush`` written) before each run."""
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(start.elapsed_time(end) for start, end in events)[reps // 2]
 
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int | None, cfg: dict[str, int]) -> torch.Tensor:
