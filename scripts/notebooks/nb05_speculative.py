@@ -389,7 +389,17 @@ fast path (`servinglab/engine/spec_decode.py`, `spec_verify.py`, `spec_policy.py
   round trip per sequence;
 - **a per-step on/off rule** (vLLM's `disable_by_batch_size`, SGLang's adaptive
   speculation): speculate only while the batch is small enough and the measured tokens
-  per speculative step times the plain step time beat the speculative step's time.
+  per speculative step times the plain step time beat the speculative step's time;
+- **the early-exit draft inside the engine** (`method="draft"` without a model of its own,
+  `servinglab/engine/draft_runner.py`): on a CPU it drafts through transformers as in
+  section 5, one request and one KV cache at a time; on a GPU it is the engine's own
+  first `L` layers, captured as a graph per batch size, so the `k` draft steps are `k`
+  replays for the whole batch. It needs no cache of its own: its K/V for those layers are
+  the target's for the same tokens, written into the slots the scheduler reserved for the
+  drafts (the verification rewrites them). Drafts reach the verification graph's inputs on
+  the device, so the step still makes one device-to-host copy. (Tested on CPUs through
+  Triton's interpreter, without graphs; its GPU test and `bench spec`'s early-exit rows have
+  not run on a GPU yet, so no GPU figure for it is given here.)
 
 **Predict first.** Leviathan et al. predict `(1 - a^(k+1)) / ((1 - a) v)` with a free
 proposer, where `v` is a verification step's cost in plain steps. At batch 1 a step is
@@ -420,8 +430,7 @@ few steps there. On SmolLM2-1.7B at batch 1 the same run gave 2.30x at alpha 0.8
 prediction 2.75x, `v` 1.22) and 0.82x at alpha 0, where that run's rule still speculated
 in 71% of the steps; the rule has since been given a warm-up of three samples of each
 kind and medians. What the figure does not show: the sampled (non-greedy) path's
-chi-square test on the GPU, and the early-exit draft model, which still drafts eagerly
-through transformers.
+chi-square test on the GPU, and the early-exit draft model (next paragraph).
 
 Re-measured on 2026-12-07 on an NVIDIA H100 (not your machine;
 `docs/figures/h100_2026-12-07b/`), k = 4, after two changes: plain decoding now overlaps

@@ -267,9 +267,11 @@ and `... --random-weights smollm2-1.7b --device cuda --steps 32`:
 | SmolLM2-1.7B | int4 g64 | 1,107.5 | 37 | 1,170 | 0.06x | 0.08x |
 
 There, too, dequantize-then-matmul is slower, and more so for the larger model (more
-weight bytes re-materialised a step); compiling the projections and MLPs does not change
-batch-1 speed because the step is bound by the host (Python planning and attention), not
-by those kernels.
+weight bytes re-materialised a step). The "+ compile" row measures nothing: that bench
+compiled the modules after the engine had captured its CUDA graphs, and on CUDA the engine
+runs its own fused forward, never those modules; so the graphs replayed what they had
+captured. `bench quant --compile` now adds compiled rows on CPUs only, and torch.compile's
+GPU figures are the projections table's torchao rows.
 
 **After Part 8b**: the same 1.7B config on an NVIDIA H100 (again **not your machine**; random
 weights, bfloat16 activations, one run, 2026-12-07), every quantized layer through the

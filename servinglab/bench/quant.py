@@ -22,7 +22,10 @@ The baseline dtype is bfloat16 where the CPU computes in it natively (AVX512-BF1
 flags in ``/proc/cpuinfo``) or on CUDA; elsewhere float32, since emulated bfloat16 is
 several times slower there. ``--compile`` adds rows with ``torch.compile`` of the
 decoder layers' projections and MLPs (the attention stays eager: it calls the student's
-paged attention, Python-side planning over block tables).
+paged attention, Python-side planning over block tables); on CPUs only: on CUDA the
+engine runs its own fused forward under CUDA graphs captured while it is built, so those
+modules never run in a decode step (an earlier version compiled them after the capture
+and reported graphs that replayed uncompiled kernels).
 """
 
 from __future__ import annotations
@@ -206,7 +209,13 @@ def run_bench_quant(args: argparse.Namespace) -> list[QuantRow]:
     variants = [(None, False), ("int8", False), ("int4", False)]
     if args.device == "cuda" and dtype == "bfloat16" and torch.cuda.get_device_capability() >= (8, 9):
         variants.append(("fp8", False))  # servinglab.model.fp8_linear: FP8 tensor cores only
-    if args.compile:
+    if args.compile and args.device == "cuda":
+        # The CUDA engine runs its own fused forward (servinglab.model.gpu_ops) and captures it as CUDA graphs while
+        # it is built: the PyTorch modules torch.compile would wrap never run in a decode step, and compiling after the
+        # capture changes nothing that replays. torch.compile on CUDA is in the projections table (torchao rows).
+        print("--compile: no engine rows on CUDA (the engine's fused Triton forward runs under CUDA graphs, not the "
+              "modules torch.compile wraps); see the projections table's torchao + torch.compile rows")
+    elif args.compile:
         variants += [(q, True) for q, _ in variants]
     rows: list[QuantRow] = []
     baseline_tokens = None
