@@ -193,8 +193,7 @@ class SpeculativeDecoder:
                                       lambda s: s.sampling_params, engine.generator_of)
         graph = engine.runner.execute_verify(out, bm.block_tables, counts, drafted) if self.graph_verify else None
         if graph is None:
-            if drafted is not None:
-                drafted.write_back(drafts)  # the eager path reads the drafts from the sequences
+            drafted = drafted.write_back(drafts) if drafted is not None else None  # the eager path reads them there
             seqs, logits, num_logits = engine.runner.execute_speculative(out, bm.block_tables, counts)
             row_start = list(itertools.accumulate(num_logits, initial=0))
             first_rows = logits[row_start[:-1]] if seqs else logits
