@@ -157,14 +157,8 @@ def gptq_model(load: Callable[[], nn.Module], hessians: dict[str, torch.Tensor],
 
 
 def _run_layer(decoder: DenseKVDecoder, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``layer``'s output on the hidden state ``x`` ``[B, T, hidden]``: the loop body of ``DenseKVDecoder.forward``, no past.
-
-    Written again because the decoder has no per-layer entry point; the walk's test holds it
-    to the full forward, bitwise.
-    """
-    out, _, _ = decoder._attention(layer, layer.input_layernorm(x), cos, sin, None, None)
-    x = x + out
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    """``layer``'s output on the hidden state ``x`` ``[B, T, hidden]``: the full forward's own layer step, no past."""
+    return decoder.layer_forward(layer, x, cos, sin)[0]
 
 
 @torch.inference_mode()

@@ -67,6 +67,11 @@ class QuantRow:
     greedy_common_prefix: float | None = None
     kv_cache_bytes: int = 0  # the engine's KV cache, part of the peak (a configured size)
 
+    @property
+    def peak_without_kv_bytes(self) -> int:
+        """The peak less the KV cache: the model's own footprint, what quantization can shrink."""
+        return self.peak_memory_bytes - self.kv_cache_bytes
+
 
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU has bfloat16 instructions (AVX512-BF16 or AMX); otherwise torch emulates it, slowly."""
@@ -155,8 +160,8 @@ def run_variant(args: argparse.Namespace, dtype: str, quantization: str | None, 
     if cuda:
         rss.stop()
     name = (quantization or dtype) + (" + compile" if compiled else "")
-    row = QuantRow(name, dtype, quantization, compiled, wb.total, wb.linear, peak, b1, b32, prefill, ppl)
-    row.kv_cache_bytes = sum(t.numel() * t.element_size() for pair in llm.engine.runner.kv_caches for t in pair)
+    kv_bytes = sum(t.numel() * t.element_size() for pair in llm.engine.runner.kv_caches for t in pair)
+    row = QuantRow(name, dtype, quantization, compiled, wb.total, wb.linear, peak, b1, b32, prefill, ppl, kv_cache_bytes=kv_bytes)
     if tokens is not None and baseline_tokens is not None:
         agree = greedy_agreement(baseline_tokens, tokens)
         row.greedy_identical, row.greedy_common_prefix = agree["identical"], agree["mean_common_prefix"]
@@ -176,7 +181,7 @@ def quant_table(rows: list[QuantRow]) -> str:
         prefill = ("- | -" if r.prefill_tok_s is None or base.prefill_tok_s is None
                    else f"{r.prefill_tok_s:.0f} | {r.prefill_tok_s / base.prefill_tok_s:.2f}x")
         lines.append(f"| {r.name} | {r.weight_bytes / 1e6:.1f} | {r.linear_bytes / 1e6:.1f} | {r.peak_memory_bytes / 1e6:.0f} | "
-                     f"{(r.peak_memory_bytes - r.kv_cache_bytes) / 1e6:.0f} MB, {(r.peak_memory_bytes - r.kv_cache_bytes) / base.weight_bytes:.2f}x | "
+                     f"{r.peak_without_kv_bytes / 1e6:.0f} MB, {r.peak_without_kv_bytes / base.weight_bytes:.2f}x | "
                      f"{r.decode_tok_s_b1:.1f} | {r.decode_tok_s_b32:.1f} | {r.decode_tok_s_b1 / base.decode_tok_s_b1:.2f}x | "
                      f"{r.decode_tok_s_b32 / base.decode_tok_s_b32:.2f}x | {prefill} | {ppl} | {agree} |")
     return "\n".join(lines)
@@ -255,7 +260,7 @@ def projections_on_cuda(args: argparse.Namespace, rows: list[QuantRow]) -> list[
         base = rows[0]
         print(f"{r.name}: batch-1 TPOT {1e3 / r.decode_tok_s_b1:.2f} ms vs {1e3 / base.decode_tok_s_b1:.2f} ms "
               f"({r.decode_tok_s_b1 / base.decode_tok_s_b1:.2f}x); peak without the KV cache "
-              f"{(r.peak_memory_bytes - r.kv_cache_bytes) / base.weight_bytes:.2f}x of the bf16 weights "
+              f"{r.peak_without_kv_bytes / base.weight_bytes:.2f}x of the bf16 weights "
               f"({r.peak_memory_bytes / 1e6:.0f} MB with the {r.kv_cache_bytes / 1e6:.0f} MB KV cache)")
     return [asdict(r) for r in proj]
 

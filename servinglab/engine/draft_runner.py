@@ -116,17 +116,18 @@ class EarlyExitDrafter:
         rows = self._rows.get(n)
         if rows is None:
             rows = self._rows[n] = torch.arange(n, device=graphs.device)
+        starts = [seq.num_computed_tokens for seq, _ in lanes]  # the last real tokens' positions; draft j sits at p + j + 1
+        lane_tables = [block_tables[seq.seq_id] for seq, _ in lanes]
         prev = None
         for j in range(max(d for _, d in lanes)):
             ids, pos, slots, ctx, tables = graphs.host_inputs(size)
-            longest = 0
-            for i, (seq, d) in enumerate(lanes):
-                p = seq.num_computed_tokens  # the last real token's position; draft j sits at p + j + 1
-                table = block_tables[seq.seq_id]
-                if j == 0:  # the table stays in the pinned buffer for the later steps
+            if j == 0:  # the last real tokens and the tables stay in the pinned buffer for the later steps
+                for i, ((seq, d), p, table) in enumerate(zip(lanes, starts, lane_tables)):
                     ids[i] = seq.prompt_token_ids[p] if p < seq.num_prompt_tokens else seq.output_token_ids[p - seq.num_prompt_tokens]
                     used = (p + d - 1) // bs + 1
                     tables[i, :used] = table[:used]
+            longest = 0
+            for i, ((seq, d), p, table) in enumerate(zip(lanes, starts, lane_tables)):
                 if j < d:  # step j computes the token at p + j (drafts its successor) and writes its K/V
                     pos[i], ctx[i] = p + j, p + j + 1
                     slots[i] = slot_of(seq.seq_id, p + j) if slot_of is not None else table[(p + j) // bs] * bs + (p + j) % bs

@@ -91,8 +91,7 @@ class SpeculativeDecoder:
         if cfg.method == "ngram":
             self.ngram = self.spec.NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max, self.k)
             self.fast_ngram = on_gpu  # the incremental index proposes what the student's search would, in O(1)
-        # On CUDA an early exit drafts inside the engine, k graph replays (servinglab.engine.draft_runner).
-        self.drafter = getattr(engine.runner, "drafter", None) if cfg.method == "draft" and cfg.model is None else None
+        self.drafter = getattr(engine.runner, "drafter", None) if cfg.method == "draft" and cfg.model is None else None  # draft_runner.py
         if cfg.method == "draft" and self.drafter is None:
             self.draft_model = draft_for_engine(cfg, engine)
 
@@ -193,7 +192,8 @@ class SpeculativeDecoder:
                                       lambda s: s.sampling_params, engine.generator_of)
         graph = engine.runner.execute_verify(out, bm.block_tables, counts, drafted) if self.graph_verify else None
         if graph is None:
-            drafted = drafted.write_back(drafts) if drafted is not None else None  # the eager path reads them there
+            if drafted is not None:  # the eager path reads the drafts from the sequences
+                drafted.write_back(drafts)
             seqs, logits, num_logits = engine.runner.execute_speculative(out, bm.block_tables, counts)
             row_start = list(itertools.accumulate(num_logits, initial=0))
             first_rows = logits[row_start[:-1]] if seqs else logits

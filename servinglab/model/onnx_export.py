@@ -74,6 +74,14 @@ class DenseKVDecoder(nn.Module):
         out = attn.o_proj(out.transpose(1, 2).reshape(batch, new, h * d))
         return out, k, v
 
+    def layer_forward(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decoder layer on the hidden state ``x`` ``[B, T, hidden]``: ``(x, key, value)`` (keys and values with the past)."""
+        out, k, v = self._attention(layer, layer.input_layernorm(x), cos, sin, past_k, past_v)
+        x = x + out
+        return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
+
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(logits, present.0.key, present.0.value, ...)``; ``past`` alternates key, value per layer."""
         layers = self.lm.model.layers
@@ -84,9 +92,7 @@ class DenseKVDecoder(nn.Module):
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(layers):
             pk, pv = (past[2 * i], past[2 * i + 1]) if self.with_past else (None, None)
-            out, k, v = self._attention(layer, layer.input_layernorm(x), cos, sin, pk, pv)
-            x = x + out
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x, k, v = self.layer_forward(layer, x, cos, sin, pk, pv)
             presents += [k, v]
         logits = F.linear(self.lm.model.norm(x), self.lm.lm_head_weight).float()
         return (logits, *presents)
